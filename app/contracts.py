@@ -1,0 +1,142 @@
+"""The wire contracts, one home for each: the training job payload, its events, manifest v1.1.
+
+Other programs produce and consume these shapes (an existing bot enqueues jobs; uploaders write
+manifests), so the rules here are exactly those of DESIGN.md and types are strict: `true` is not
+an int and `"3"` is not an int.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+JOB_TYPE: Final = "digits.train.v1"
+LEGACY_JOB_FUNC: Final = "handwriting_ai.jobs.digits.process_train_job"
+MANIFEST_SCHEMA_VERSION: Final = "v1.1"
+MODEL_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+N_CLASSES: Final = 10
+
+# RQ options every training job is enqueued with.
+JOB_TIMEOUT_S: Final = 25200
+JOB_RESULT_TTL_S: Final = 86400
+JOB_FAILURE_TTL_S: Final = 604800
+JOB_RETRY_MAX: Final = 2
+JOB_RETRY_INTERVALS_S: Final = (60, 300)
+
+ModelId = Annotated[StrictStr, Field(pattern=MODEL_ID_PATTERN)]
+RequestId = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+UserId = Annotated[StrictInt, Field(ge=0, le=2**64 - 1)]
+Sha256Hex = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class DigitsTrainJobV1(BaseModel):
+    """Payload of a `digits.train.v1` job. Defaults are those of the `/train` command."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    type: Literal["digits.train.v1"] = JOB_TYPE
+    request_id: RequestId
+    user_id: UserId
+    model_id: ModelId = "mnist_resnet18_v1"
+    epochs: Annotated[StrictInt, Field(ge=1, le=100)] = 1
+    batch_size: Annotated[StrictInt, Field(ge=1, le=4096)] = 256
+    # Strict float still takes a JSON integer (1 is a fine learning rate); it refuses bools and strings.
+    lr: Annotated[StrictFloat, Field(gt=0, le=1)] = 0.0015
+    seed: Annotated[StrictInt, Field(ge=-(2**31), le=2**32 - 1)] = 42
+    augment: StrictBool = True
+    notes: Annotated[StrictStr, Field(max_length=500)] | None = "requested via /train"
+
+
+class _EventBase(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    request_id: RequestId
+    user_id: UserId
+    model_id: ModelId
+    job_id: Annotated[StrictStr, Field(min_length=1)]
+    ts: datetime = Field(default_factory=utc_now)
+
+
+class TrainStartedV1(_EventBase):
+    type: Literal["digits.train.started.v1"] = "digits.train.started.v1"
+    total_epochs: Annotated[StrictInt, Field(ge=1)] | None = None
+    device: StrictStr | None = None
+
+
+class TrainProgressV1(_EventBase):
+    type: Literal["digits.train.progress.v1"] = "digits.train.progress.v1"
+    epoch: Annotated[StrictInt, Field(ge=1)]
+    total_epochs: Annotated[StrictInt, Field(ge=1)]
+    batch: Annotated[StrictInt, Field(ge=0)]
+    total_batches: Annotated[StrictInt, Field(ge=1)]
+    loss: StrictFloat
+    samples_per_sec: Annotated[StrictFloat, Field(ge=0)]
+    pct: Annotated[StrictFloat, Field(ge=0, le=100)]
+
+
+class TrainCompletedV1(_EventBase):
+    type: Literal["digits.train.completed.v1"] = "digits.train.completed.v1"
+    val_acc: Annotated[StrictFloat, Field(ge=0, le=1)]
+    test_acc: Annotated[StrictFloat, Field(ge=0, le=1)]
+    version: Annotated[StrictStr, Field(min_length=1)]
+    activated: StrictBool
+
+
+class TrainFailedV1(_EventBase):
+    type: Literal["digits.train.failed.v1"] = "digits.train.failed.v1"
+    error_kind: Literal["user", "system"]
+    message: Annotated[StrictStr, Field(max_length=2000)]
+
+
+TrainEvent = Annotated[
+    TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1, Field(discriminator="type")
+]
+
+
+class _EventEnvelope(BaseModel):
+    event: TrainEvent
+
+
+def parse_event(raw: bytes | str) -> TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1:
+    """Parse one message of the events channel; raises pydantic.ValidationError on anything else."""
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    return _EventEnvelope.model_validate_json('{"event":' + text + "}").event
+
+
+def dump_event(event: TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1) -> str:
+    """Compact JSON, one object per message, as the events channel carries it."""
+    return event.model_dump_json()
+
+
+class ManifestV1_1(BaseModel):
+    """`manifest.json` beside the weights. Fields beyond the required core describe the run."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    schema_version: Literal["v1.1"]
+    model_id: ModelId
+    arch: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    n_classes: Annotated[StrictInt, Field(ge=2, le=1000)]
+    version: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    created_at: datetime
+    preprocess_hash: Sha256Hex
+    val_acc: Annotated[StrictFloat, Field(ge=0, le=1)]
+    temperature: Annotated[StrictFloat, Field(gt=0, le=100)] = 1.0
+
+    test_acc: Annotated[StrictFloat, Field(ge=0, le=1)] | None = None
+    epochs: Annotated[StrictInt, Field(ge=1)] | None = None
+    batch_size: Annotated[StrictInt, Field(ge=1)] | None = None
+    lr: Annotated[StrictFloat, Field(gt=0)] | None = None
+    seed: StrictInt | None = None
+    augment: StrictBool | None = None
+    device: StrictStr | None = None
+    train_seconds: Annotated[StrictFloat, Field(ge=0)] | None = None
+    weights_sha256: Sha256Hex | None = None
+    train_samples: Annotated[StrictInt, Field(ge=0)] | None = None
+    notes: StrictStr | None = None

@@ -1,0 +1,38 @@
+"""Assembles the API: settings, services, middleware, error envelope, routers. Nothing else lives here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.deps import Services, make_redis
+from app.errors import install_error_handlers
+from app.observability import RequestIdMiddleware, configure_logging
+from app.routes import health
+from config.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    services = Services(settings=settings, redis=make_redis(settings.redis_url))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if services.redis is not None:
+                services.redis.close()
+
+    app = FastAPI(title="handwriting-ai", version="0.1.0", lifespan=lifespan)
+    app.state.services = services
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    app.include_router(health.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,318 @@
+"""Image bytes -> the 1x1x28x28 tensor the network reads, and the 28x28 uint8 it was made from.
+
+One pipeline for serving and training (the worker runs MNIST through `preprocess_gray`), so
+`PREPROCESS_HASH` names exactly what a model was trained on. The steps follow the MNIST recipe:
+find the ink, crop it, scale the longer side to 20 px, centre by mass in 28x28.
+
+All work is vectorised numpy/Pillow/scipy on an image first reduced to at most `WORK_SIDE` px, so
+a 12-megapixel photo costs about what a small one does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from PIL import Image, ImageOps
+from scipy import ndimage
+
+U8 = npt.NDArray[np.uint8]
+F32 = npt.NDArray[np.float32]
+
+# Every constant below is part of PREPROCESS_HASH: change one and models trained before are refused.
+WORK_SIDE: Final = 512  # longer side the image is reduced to before any analysis
+MIN_SIDE: Final = 8  # smaller images carry no readable digit
+MAX_ASPECT: Final = 20.0
+DEFAULT_MAX_PIXELS: Final = 50_000_000
+BORDER_FRAC: Final = 0.05  # outer ring used to tell the paper's colour
+BG_GRID: Final = 16  # cells along the longer side for the background (lighting) estimate
+BG_SMALL_SIDE: Final = 64  # at or below this size the background is taken as uniform
+BG_PERCENTILE: Final = 5.0
+MIN_INK_CONTRAST: Final = 32  # of 255: weaker than this everywhere means there is no digit
+MIN_THRESHOLD: Final = 24
+SPECK_FRAC: Final = 0.05  # components smaller than this share of the largest are dropped
+SPECK_MIN_AREA_FRAC: Final = 2e-4  # ... as is anything under this share of the image
+INK_LEVEL_PERCENTILE: Final = 90.0
+TARGET_STROKE_PX: Final = 2.0  # stroke width on the 28x28 grid (MNIST is about 2-3)
+BOX_SIDE: Final = 20
+CANVAS: Final = 28
+MNIST_MEAN: Final = 0.1307
+MNIST_STD: Final = 0.3081
+
+PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC: Final = b"\xff\xd8\xff"
+
+_STEPS: Final = (
+    "decode png|jpeg; jpeg draft to >= work_side; reduce to work_side",
+    "exif orientation",
+    "alpha composited on white (alpha as ink when that leaves no contrast)",
+    "grayscale L",
+    "polarity from border median (override: invert)",
+    "background = cell percentile on bg_grid, median 3x3, bilinear up; contrast = img - background",
+    "threshold = max(otsu(contrast), min_threshold); blank if max contrast < min_ink_contrast",
+    "8-connected components; drop specks",
+    "crop to kept ink; ink = contrast / ink_level percentile, clipped, outside dilated mask zeroed",
+    "stroke width 2*area/perimeter; grey dilation up to target_stroke_px on the output grid",
+    "resize longer side to box_side (box when reducing, bilinear when enlarging), aspect kept",
+    "place in canvas by centre of mass (rounded, kept inside)",
+    "uint8 = round(255 * ink); tensor = (uint8/255 - mean) / std",
+)
+
+
+def _canonical_description() -> str:
+    constants = {
+        "WORK_SIDE": WORK_SIDE,
+        "MIN_SIDE": MIN_SIDE,
+        "MAX_ASPECT": MAX_ASPECT,
+        "BORDER_FRAC": BORDER_FRAC,
+        "BG_GRID": BG_GRID,
+        "BG_SMALL_SIDE": BG_SMALL_SIDE,
+        "BG_PERCENTILE": BG_PERCENTILE,
+        "MIN_INK_CONTRAST": MIN_INK_CONTRAST,
+        "MIN_THRESHOLD": MIN_THRESHOLD,
+        "SPECK_FRAC": SPECK_FRAC,
+        "SPECK_MIN_AREA_FRAC": SPECK_MIN_AREA_FRAC,
+        "INK_LEVEL_PERCENTILE": INK_LEVEL_PERCENTILE,
+        "TARGET_STROKE_PX": TARGET_STROKE_PX,
+        "BOX_SIDE": BOX_SIDE,
+        "CANVAS": CANVAS,
+        "MNIST_MEAN": MNIST_MEAN,
+        "MNIST_STD": MNIST_STD,
+    }
+    return json.dumps({"pipeline": "handwriting-ai/preprocess/1", "steps": _STEPS, "constants": constants},
+                      sort_keys=True, separators=(",", ":"))
+
+
+PREPROCESS_DESCRIPTION: Final = _canonical_description()
+PREPROCESS_HASH: Final = hashlib.sha256(PREPROCESS_DESCRIPTION.encode("utf-8")).hexdigest()
+
+
+class PreprocessError(Exception):
+    """Base of every error this module raises; `code` is the API's stable error code."""
+
+    code: str = "preprocessing_failed"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UnsupportedImageTypeError(PreprocessError):
+    code = "unsupported_media_type"
+
+
+class InvalidImageError(PreprocessError):
+    code = "invalid_image"
+
+
+class BadDimensionsError(PreprocessError):
+    code = "bad_dimensions"
+
+
+class NoDigitFoundError(PreprocessError):
+    code = "preprocessing_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Preprocessed:
+    tensor: torch.Tensor  # float32, shape (1, 1, 28, 28), normalised
+    preview: U8  # uint8, shape (28, 28): white ink on black, what the model sees
+
+
+def sniff_image_type(data: bytes) -> str | None:
+    """'png' or 'jpeg' from the leading bytes, else None."""
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    return None
+
+
+def _check_dimensions(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise BadDimensionsError(f"image is {width}x{height}: over the limit of {max_pixels} pixels")
+    if min(width, height) < MIN_SIDE:
+        raise BadDimensionsError(f"image is {width}x{height}: each side must be at least {MIN_SIDE} px")
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        raise BadDimensionsError(f"image is {width}x{height}: too elongated to hold a digit")
+
+
+def decode_gray(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> U8:
+    """Decode PNG/JPEG bytes to a grayscale uint8 array, upright, alpha on white, <= WORK_SIDE px."""
+    kind = sniff_image_type(data)
+    if kind is None:
+        raise UnsupportedImageTypeError("only PNG and JPEG images are accepted")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
+            _check_dimensions(opened.width, opened.height, max_pixels)
+            if kind == "jpeg":
+                # DCT-domain downscaling: decodes a 12 MP photo at 1/8 scale for a fraction of the cost.
+                scale = max(opened.width, opened.height) / WORK_SIDE
+                if scale > 1:
+                    opened.draft("L", (int(opened.width / scale) + 1, int(opened.height / scale) + 1))
+            opened.load()
+            img = ImageOps.exif_transpose(opened)
+            longer = max(img.width, img.height)
+            if longer > 2 * WORK_SIDE:
+                img = img.reduce(longer // WORK_SIDE)
+            gray = _to_gray(img)
+            if max(gray.width, gray.height) > WORK_SIDE:
+                gray.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
+            return np.asarray(gray, dtype=np.uint8)
+    except PreprocessError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadDimensionsError(f"image has too many pixels: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidImageError(f"the {kind.upper()} data could not be decoded: {exc}") from exc
+
+
+def _to_gray(img: Image.Image) -> Image.Image:
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    if not has_alpha:
+        return img.convert("L")
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    flat = Image.alpha_composite(white, rgba).convert("L")
+    alpha = rgba.getchannel("A")
+    flat_range = np.ptp(np.asarray(flat, dtype=np.uint8))
+    alpha_range = np.ptp(np.asarray(alpha, dtype=np.uint8))
+    if int(flat_range) < MIN_INK_CONTRAST and int(alpha_range) >= MIN_INK_CONTRAST:
+        # Light ink drawn on a transparent canvas vanishes on white: the alpha channel is the drawing.
+        return alpha
+    return flat
+
+
+def _border_median(gray: U8) -> float:
+    h, w = gray.shape
+    b = max(1, round(min(h, w) * BORDER_FRAC))
+    ring = np.concatenate([gray[:b].ravel(), gray[-b:].ravel(), gray[:, :b].ravel(), gray[:, -b:].ravel()])
+    return float(np.median(ring))
+
+
+def _background(img: U8) -> F32:
+    h, w = img.shape
+    if max(h, w) <= BG_SMALL_SIDE:
+        return np.full(img.shape, np.percentile(img, BG_PERCENTILE), dtype=np.float32)
+    cell = max(1, int(np.ceil(max(h, w) / BG_GRID)))
+    gh, gw = -(-h // cell), -(-w // cell)
+    padded = np.pad(img, ((0, gh * cell - h), (0, gw * cell - w)), mode="edge")
+    blocks = padded.reshape(gh, cell, gw, cell).transpose(0, 2, 1, 3).reshape(gh, gw, cell * cell)
+    grid = np.percentile(blocks, BG_PERCENTILE, axis=2).astype(np.float32)
+    grid = ndimage.median_filter(grid, size=3, mode="nearest")
+    up = Image.fromarray(grid, mode="F").resize((w, h), Image.Resampling.BILINEAR)
+    return np.asarray(up, dtype=np.float32)
+
+
+def _otsu(values: U8) -> int:
+    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    total = hist.sum()
+    levels = np.arange(256, dtype=np.float64)
+    w0 = np.cumsum(hist)
+    m0 = np.cumsum(hist * levels)
+    w1 = total - w0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (m0[-1] * w0 - m0 * total) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = 0
+    return int(np.argmax(between)) + 1
+
+
+def preprocess_gray(gray: U8, *, invert: bool | None = None) -> Preprocessed:
+    """Run the pipeline on a grayscale image (any size, any polarity).
+
+    `invert=None` detects polarity from the border; `True` means dark ink on light paper, `False`
+    light ink on dark (as MNIST is).
+    """
+    if gray.ndim != 2 or gray.dtype != np.uint8:
+        raise PreprocessError("expected a 2-D uint8 grayscale image")
+    _check_dimensions(gray.shape[1], gray.shape[0], DEFAULT_MAX_PIXELS)
+    dark_ink = _border_median(gray) >= 128 if invert is None else invert
+    img = (255 - gray) if dark_ink else gray
+
+    contrast_f = np.clip(img.astype(np.float32) - _background(img), 0, 255)
+    contrast = contrast_f.astype(np.uint8)
+    if int(contrast.max()) < MIN_INK_CONTRAST:
+        raise NoDigitFoundError("no digit found: the image is blank or has too little contrast")
+    threshold = max(_otsu(contrast), MIN_THRESHOLD)
+    mask = contrast >= threshold
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    min_area = max(SPECK_FRAC * float(sizes.max()), SPECK_MIN_AREA_FRAC * mask.size)
+    keep = sizes >= min_area
+    keep[int(np.argmax(sizes))] = True
+    keep[0] = False
+    kept = keep[labels]
+
+    rows = np.flatnonzero(kept.any(axis=1))
+    cols = np.flatnonzero(kept.any(axis=0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    # One pixel of margin keeps the anti-aliased edge of the strokes.
+    r0, c0 = max(0, r0 - 1), max(0, c0 - 1)
+    r1, c1 = min(img.shape[0], r1 + 1), min(img.shape[1], c1 + 1)
+    crop_mask = kept[r0:r1, c0:c1]
+    crop = contrast_f[r0:r1, c0:c1]
+
+    level = max(float(np.percentile(crop[crop_mask], INK_LEVEL_PERCENTILE)), 1.0)
+    ink = np.clip(crop / level, 0.0, 1.0).astype(np.float32)
+    ink *= ndimage.binary_dilation(crop_mask, iterations=1)
+
+    h, w = ink.shape
+    scale = BOX_SIDE / max(h, w)
+    ink = _thicken(ink, crop_mask, scale)
+
+    out_h = max(1, round(h * scale))
+    out_w = max(1, round(w * scale))
+    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
+    small = np.asarray(Image.fromarray(ink, mode="F").resize((out_w, out_h), resample), dtype=np.float32)
+    small = np.clip(small, 0.0, 1.0)
+
+    canvas = np.zeros((CANVAS, CANVAS), dtype=np.float32)
+    total = float(small.sum())
+    if total > 0:
+        cy, cx = ndimage.center_of_mass(small)
+    else:
+        cy, cx = (out_h - 1) / 2, (out_w - 1) / 2
+    top = int(np.clip(round(CANVAS / 2 - 0.5 - cy), 0, CANVAS - out_h))
+    left = int(np.clip(round(CANVAS / 2 - 0.5 - cx), 0, CANVAS - out_w))
+    canvas[top : top + out_h, left : left + out_w] = small
+
+    preview = np.rint(canvas * 255.0).astype(np.uint8)
+    return Preprocessed(tensor=to_tensor(preview), preview=preview)
+
+
+def _thicken(ink: F32, mask: npt.NDArray[np.bool_], scale: float) -> F32:
+    """Grow thin pen strokes so they are about TARGET_STROKE_PX wide after scaling."""
+    area = float(mask.sum())
+    edge = float((mask & ~ndimage.binary_erosion(mask)).sum())
+    if area == 0 or edge == 0:
+        return ink
+    stroke = 2.0 * area / edge  # width of a long thin shape: area / (perimeter / 2)
+    missing = TARGET_STROKE_PX / scale - stroke
+    radius = int(missing // 2)
+    if radius < 1:
+        return ink
+    size = 2 * radius + 1
+    return np.asarray(ndimage.grey_dilation(ink, size=(size, size)), dtype=np.float32)
+
+
+def to_tensor(preview: U8) -> torch.Tensor:
+    """Normalise a 28x28 uint8 (or N x 28 x 28) into the network's input layout."""
+    t = torch.from_numpy(np.ascontiguousarray(preview)).to(torch.float32).div_(255.0)
+    t = t.sub_(MNIST_MEAN).div_(MNIST_STD)
+    return t.reshape(-1, 1, CANVAS, CANVAS)
+
+
+def preprocess(data: bytes, *, invert: bool | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Preprocessed:
+    """Image bytes (PNG or JPEG) -> Preprocessed. Raises a PreprocessError subclass on bad input."""
+    return preprocess_gray(decode_gray(data, max_pixels=max_pixels), invert=invert)

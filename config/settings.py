@@ -1,0 +1,131 @@
+"""Settings shared by the API and the worker, read from the environment (and `.env`).
+
+Nested groups use `__` as the separator: `RQ__QUEUE`, `TRAIN__LIMIT`, `API__READ_TIMEOUT_S`.
+A bad value fails at start with pydantic's message, which names the variable.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DISCORD_API_BASE = "https://discord.com/api/v10"
+
+
+class RqSettings(BaseModel):
+    queue: str = Field(default="digits", min_length=1)
+
+
+class ApiSettings(BaseModel):
+    """Limits and behaviour of the HTTP service."""
+
+    read_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    read_max_pixels: int = Field(default=50_000_000, ge=1)
+    read_timeout_s: float = Field(default=5.0, gt=0)
+    uncertain_below: float = Field(default=0.70, ge=0, le=1)
+    tta: bool = False
+    batch_max: int = Field(default=32, ge=1, le=512)
+    batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
+    torch_threads: int = Field(default=0, ge=0, description="0: the cores available")
+    manifest_max_bytes: int = Field(default=64 * 1024, ge=1024)
+    model_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    keep_versions: int = Field(default=5, ge=1)
+
+
+class TrainSettings(BaseModel):
+    """The worker's training configuration; none of this travels in the job payload."""
+
+    limit: int | None = Field(default=None, ge=1, description="train on the first N images")
+    val_size: int = Field(default=5000, ge=1)
+    threads: int = Field(default=0, ge=0, description="0: the cores available")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda)$")
+    progress_every: int = Field(default=20, ge=1, description="batches between progress events")
+    noise_prob: float = Field(default=0.0, ge=0, le=1, description="salt/pepper per-pixel probability")
+    dots_prob: float = Field(default=0.0, ge=0, le=1, description="share of images given dots/occlusions")
+    blur_prob: float = Field(default=0.0, ge=0, le=1, description="share of images blurred")
+    morph_prob: float = Field(default=0.0, ge=0, le=1, description="share of images eroded or dilated")
+    upload_attempts: int = Field(default=6, ge=1)
+    upload_backoff_s: float = Field(default=2.0, ge=0)
+    upload_timeout_s: float = Field(default=120.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_nested_delimiter="__",
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    redis_url: str | None = None
+    rq: RqSettings = RqSettings()
+    digits_events_channel: str = Field(default="digits:events", min_length=1)
+    data_dir: Path = Path("./data")
+
+    handwriting_api_url: str = "http://127.0.0.1:8000"
+    handwriting_api_key: SecretStr | None = None
+
+    discord_public_key: str | None = None
+    discord_application_id: str | None = None
+    discord_bot_token: SecretStr | None = None
+    discord_api_base: str = DEFAULT_DISCORD_API_BASE
+    discord_read_public: bool = False
+    discord_train_rate_per_hour: int = Field(default=3, ge=0, description="0 disables the limit")
+    discord_timestamp_max_age_s: int = Field(default=0, ge=0, description="0: no freshness check")
+
+    log_level: str = Field(default="INFO", pattern=r"^(?i:debug|info|warning|error|critical)$")
+
+    api: ApiSettings = ApiSettings()
+    train: TrainSettings = TrainSettings()
+
+    @field_validator("redis_url", "discord_public_key", "discord_application_id", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("discord_public_key")
+    @classmethod
+    def _public_key_is_hex(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().lower()
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError("must be the application's public key: 64 hex characters")
+        return value
+
+    @field_validator("handwriting_api_key", "discord_bot_token", mode="before")
+    @classmethod
+    def _blank_secret_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("handwriting_api_url", "discord_api_base")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
