@@ -1,0 +1,59 @@
+"""Shared fixtures: a real embedded Redis for the session, a clean database per test, live processes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from app.redis_embedded import EmbeddedRedis
+from tests.support import LiveProcess, start_api
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> Iterator[str]:
+    """A real Redis with an empty database for this test."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    yield redis_server.url
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def start_api_process(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], LiveProcess]]:
+    """`start_api_process(env)` runs the real API under uvicorn on loopback; stopped after the test."""
+    started: list[LiveProcess] = []
+
+    def start(env: dict[str, str]) -> LiveProcess:
+        live = start_api(env, tmp_path)
+        started.append(live)
+        return live
+
+    yield start
+    for live in started:
+        live.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests build their settings explicitly; variables from the developer's shell must not leak in."""
+    for key in list(os.environ):
+        if key.startswith(("REDIS_URL", "RQ__", "DIGITS_", "HANDWRITING_", "DISCORD_", "DATA_DIR", "TRAIN__", "API__")):
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
