@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     discord_read_public: bool = False
     discord_train_rate_per_hour: int = Field(default=3, ge=0, description="0 disables the limit")
     discord_timestamp_max_age_s: int = Field(default=0, ge=0, description="0: no freshness check")
+    discord_progress_interval_s: float = Field(
+        default=5.0, ge=0.5, description="least seconds between two progress edits of one /train message"
+    )
+    discord_download_timeout_s: float = Field(default=10.0, gt=0, description="whole /read attachment download")
 
     log_level: str = Field(default="INFO", pattern=r"^(?i:debug|info|warning|error|critical)$")
 
