@@ -27,19 +27,21 @@ U8 = npt.NDArray[np.uint8]
 F32 = npt.NDArray[np.float32]
 
 # Every constant below is part of PREPROCESS_HASH: change one and models trained before are refused.
-WORK_SIDE: Final = 512  # longer side the image is reduced to before any analysis
+WORK_SIDE: Final = 256  # longer side the image is reduced to before any analysis
 MIN_SIDE: Final = 8  # smaller images carry no readable digit
 MAX_ASPECT: Final = 20.0
 DEFAULT_MAX_PIXELS: Final = 50_000_000
 BORDER_FRAC: Final = 0.05  # outer ring used to tell the paper's colour
 BG_GRID: Final = 16  # cells along the longer side for the background (lighting) estimate
 BG_SMALL_SIDE: Final = 64  # at or below this size the background is taken as uniform
-BG_PERCENTILE: Final = 5.0
+BG_PERCENTILE: Final = 5.0  # uniform background of small images
+BG_MEAN_SIDE: Final = 4  # pixels averaged before the per-cell minimum
 MIN_INK_CONTRAST: Final = 32  # of 255: weaker than this everywhere means there is no digit
 MIN_THRESHOLD: Final = 24
 SPECK_FRAC: Final = 0.05  # components smaller than this share of the largest are dropped
 SPECK_MIN_AREA_FRAC: Final = 2e-4  # ... as is anything under this share of the image
 INK_LEVEL_PERCENTILE: Final = 90.0
+FRINGE_FRAC: Final = 0.25  # next to the ink, contrast above this share of the threshold is still ink
 TARGET_STROKE_PX: Final = 2.0  # stroke width on the 28x28 grid (MNIST is about 2-3)
 BOX_SIDE: Final = 20
 CANVAS: Final = 28
@@ -55,10 +57,12 @@ _STEPS: Final = (
     "alpha composited on white (alpha as ink when that leaves no contrast)",
     "grayscale L",
     "polarity from border median (override: invert)",
-    "background = cell percentile on bg_grid, median 3x3, bilinear up; contrast = img - background",
+    "background = min of 4x4 means per cell on bg_grid (small: percentile), median 3x3, bilinear up",
+    "contrast = img - background",
     "threshold = max(otsu(contrast), min_threshold); blank if max contrast < min_ink_contrast",
     "8-connected components; drop specks",
-    "crop to kept ink; ink = contrast / ink_level percentile, clipped, outside dilated mask zeroed",
+    "crop to kept ink and its fringe (dilated mask with contrast >= fringe_frac * threshold)",
+    "ink = contrast / ink_level percentile, clipped, zero outside",
     "stroke width 2*area/perimeter; grey dilation up to target_stroke_px on the output grid",
     "resize longer side to box_side (box when reducing, bilinear when enlarging), aspect kept",
     "place in canvas by centre of mass (rounded, kept inside)",
@@ -75,11 +79,13 @@ def _canonical_description() -> str:
         "BG_GRID": BG_GRID,
         "BG_SMALL_SIDE": BG_SMALL_SIDE,
         "BG_PERCENTILE": BG_PERCENTILE,
+        "BG_MEAN_SIDE": BG_MEAN_SIDE,
         "MIN_INK_CONTRAST": MIN_INK_CONTRAST,
         "MIN_THRESHOLD": MIN_THRESHOLD,
         "SPECK_FRAC": SPECK_FRAC,
         "SPECK_MIN_AREA_FRAC": SPECK_MIN_AREA_FRAC,
         "INK_LEVEL_PERCENTILE": INK_LEVEL_PERCENTILE,
+        "FRINGE_FRAC": FRINGE_FRAC,
         "TARGET_STROKE_PX": TARGET_STROKE_PX,
         "BOX_SIDE": BOX_SIDE,
         "CANVAS": CANVAS,
@@ -200,14 +206,19 @@ def _border_median(gray: U8) -> float:
 
 
 def _background(img: U8) -> F32:
+    """Paper level under every pixel, so uneven lighting does not read as ink (ink is bright here)."""
     h, w = img.shape
     if max(h, w) <= BG_SMALL_SIDE:
         return np.full(img.shape, np.percentile(img, BG_PERCENTILE), dtype=np.float32)
-    cell = max(1, int(np.ceil(max(h, w) / BG_GRID)))
-    gh, gw = -(-h // cell), -(-w // cell)
-    padded = np.pad(img, ((0, gh * cell - h), (0, gw * cell - w)), mode="edge")
-    blocks = padded.reshape(gh, cell, gw, cell).transpose(0, 2, 1, 3).reshape(gh, gw, cell * cell)
-    grid = np.percentile(blocks, BG_PERCENTILE, axis=2).astype(np.float32)
+    cell = max(BG_MEAN_SIDE, -(-max(h, w) // BG_GRID))
+    cell -= cell % BG_MEAN_SIDE
+    # Averaging 4x4 first tames sensor noise, so the darkest average in a cell is the paper there.
+    means = np.asarray(Image.fromarray(img).reduce(BG_MEAN_SIDE), dtype=np.float32)
+    k = cell // BG_MEAN_SIDE
+    mh, mw = means.shape
+    gh, gw = -(-mh // k), -(-mw // k)
+    padded = np.pad(means, ((0, gh * k - mh), (0, gw * k - mw)), mode="edge")
+    grid = padded.reshape(gh, k, gw, k).min(axis=(1, 3))
     grid = ndimage.median_filter(grid, size=3, mode="nearest")
     up = Image.fromarray(grid, mode="F").resize((w, h), Image.Resampling.BILINEAR)
     return np.asarray(up, dtype=np.float32)
@@ -257,15 +268,21 @@ def preprocess_gray(gray: U8, *, invert: bool | None = None) -> Preprocessed:
     rows = np.flatnonzero(kept.any(axis=1))
     cols = np.flatnonzero(kept.any(axis=0))
     r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    # One pixel of margin keeps the anti-aliased edge of the strokes.
     r0, c0 = max(0, r0 - 1), max(0, c0 - 1)
     r1, c1 = min(img.shape[0], r1 + 1), min(img.shape[1], c1 + 1)
-    crop_mask = kept[r0:r1, c0:c1]
-    crop = contrast_f[r0:r1, c0:c1]
+    sub_mask = kept[r0:r1, c0:c1]
+    sub = contrast_f[r0:r1, c0:c1]
+    # The ink plus its anti-aliased fringe (one pixel around it, fainter than the threshold).
+    inked = ndimage.binary_dilation(sub_mask) & (sub >= threshold * FRINGE_FRAC)
+    rows = np.flatnonzero(inked.any(axis=1))
+    cols = np.flatnonzero(inked.any(axis=0))
+    t0, t1, l0, l1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    crop_mask = sub_mask[t0:t1, l0:l1]
+    crop = sub[t0:t1, l0:l1]
 
     level = max(float(np.percentile(crop[crop_mask], INK_LEVEL_PERCENTILE)), 1.0)
     ink = np.clip(crop / level, 0.0, 1.0).astype(np.float32)
-    ink *= ndimage.binary_dilation(crop_mask, iterations=1)
+    ink *= inked[t0:t1, l0:l1]
 
     h, w = ink.shape
     scale = BOX_SIDE / max(h, w)
