@@ -56,6 +56,13 @@ def _dev(args: argparse.Namespace) -> int:
         print("digits dev: stopped", flush=True)
 
 
+def _discord_sync(args: argparse.Namespace) -> int:
+    from app.discord.commands import run_discord_sync
+
+    guild: str | None = args.guild
+    return run_discord_sync(guild)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="digits", description="handwriting-ai: read and train digits")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=8000)
     dev.set_defaults(func=_dev)
+
+    sync = sub.add_parser("discord-sync", help="register the slash commands with Discord (bulk overwrite)")
+    sync.add_argument("--guild", metavar="ID", default=None, help="one guild (updates at once) instead of global")
+    sync.set_defaults(func=_discord_sync)
     return parser
 
 

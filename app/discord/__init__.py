@@ -1,0 +1,1 @@
+"""Discord over HTTP interactions: verify, route and answer slash commands; relay training progress."""
