@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Annotated
 
 import redis
 from fastapi import Depends, Request
 
+from app.serving import ModelServer
 from config.settings import Settings
 
 
@@ -19,6 +20,12 @@ class Services:
     # bytes client (decode_responses=False, as RQ expects); None when REDIS_URL is unset.
     redis: redis.Redis | None = None
     extras: dict[str, object] = field(default_factory=dict)
+    # The served model, built from the settings unless one is given; the app's lifespan starts and stops it.
+    model_server: InitVar[ModelServer | None] = None
+    models: ModelServer = field(init=False)
+
+    def __post_init__(self, model_server: ModelServer | None) -> None:
+        self.models = model_server if model_server is not None else ModelServer(self.settings)
 
 
 def make_redis(url: str | None) -> redis.Redis | None:

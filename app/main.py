@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from app.deps import Services, make_redis
 from app.errors import install_error_handlers
 from app.observability import RequestIdMiddleware, configure_logging
-from app.routes import health
+from app.routes import admin, health, jobs, models, read, train
 from config.settings import Settings, get_settings
 
 
@@ -21,9 +21,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await services.models.start()
         try:
             yield
         finally:
+            await services.models.stop()
             if services.redis is not None:
                 services.redis.close()
 
@@ -32,6 +34,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
+    app.include_router(train.router)
+    app.include_router(jobs.router)
+    app.include_router(read.router)
+    app.include_router(models.router)
+    app.include_router(admin.router)
     return app
 
 

@@ -33,6 +33,10 @@ class ApiSettings(BaseModel):
     manifest_max_bytes: int = Field(default=64 * 1024, ge=1024)
     model_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     keep_versions: int = Field(default=5, ge=1)
+    model_poll_s: float = Field(
+        default=5.0, ge=0, description="seconds between checks of the active pointer for changes made by another "
+        "process sharing DATA_DIR; 0: never"
+    )
 
 
 class TrainSettings(BaseModel):

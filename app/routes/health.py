@@ -1,8 +1,16 @@
-"""Liveness."""
+"""Liveness, readiness, what is running, and the Prometheus metrics."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from app.contracts import MANIFEST_SCHEMA_VERSION
+from app.deps import ServicesDep
+from app.errors import ApiError
+from app.network import ARCH
+from app.preprocess import PREPROCESS_HASH
+from app.serving import ModelNotReadyError
 
 router = APIRouter(tags=["health"])
 
@@ -10,3 +18,29 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(services: ServicesDep) -> dict[str, str]:
+    """200 once a model is loaded and reads can be answered; 503 `service_not_ready` until then."""
+    manifest = services.models.active_manifest()
+    if manifest is None or not services.models.is_ready():
+        raise ApiError(503, "service_not_ready", ModelNotReadyError().message)
+    return {"status": "ready", "model_id": manifest.model_id, "version": manifest.version}
+
+
+@router.get("/version")
+async def version(request: Request) -> dict[str, str]:
+    """What this service is; an uploader compares `preprocess_hash` before training."""
+    return {
+        "service": "handwriting-ai",
+        "version": request.app.version,
+        "preprocess_hash": PREPROCESS_HASH,
+        "arch": ARCH,
+        "manifest_schema_version": MANIFEST_SCHEMA_VERSION,
+    }
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics() -> Response:
+    return Response(content=generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

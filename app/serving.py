@@ -1,0 +1,431 @@
+"""The served model: safe loading, smoke tests, hot swap, and a micro-batching predictor.
+
+One reference, `ModelServer._current`, names the model that answers. A new model is loaded and
+smoke-tested off the request path, then installed by assigning that reference; a batch already
+running keeps the model it started with, so in-flight reads finish on the old one and every
+answer names the version that computed it.
+
+Reads are preprocessed in a thread pool, then queued; one batcher task takes whatever has queued
+up (waiting a moment only while other reads are still being preprocessed) and runs one forward
+pass in the inference thread. Alone, a read runs at once; under load, reads share a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from app.contracts import N_CLASSES, ManifestV1_1
+from app.network import ARCH, build_model
+from app.observability import ACTIVE_MODEL, FAILED_ACTIVATIONS, MODEL_SWAPS
+from app.preprocess import CANVAS, preprocess, to_tensor
+from app.store import ActivePointer, ModelStore, StoredVersion, VersionNotFoundError
+from config.settings import Settings
+
+log = logging.getLogger("app.serving")
+
+NOT_READY_MESSAGE: Final = (
+    "no model is loaded yet. Get one by running `make run` (it trains a first model), by POST /v1/train "
+    "(X-Api-Key) and waiting for the job, or by uploading one to POST /v1/admin/models/upload"
+)
+# Test-time augmentation: the image itself and four one-pixel shifts, probabilities averaged.
+TTA_SHIFTS: Final = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+_BATCH_POLL_S: Final = 0.0005
+
+
+class ModelNotReadyError(Exception):
+    """No model is loaded yet; the message says how to get one."""
+
+    def __init__(self, message: str = NOT_READY_MESSAGE) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class PredictionTimeoutError(Exception):
+    def __init__(self, timeout_s: float) -> None:
+        self.message = f"the prediction took longer than {timeout_s:g} s"
+        super().__init__(self.message)
+
+
+class CandidateError(Exception):
+    """A model that must not be served. `code` is the API's stable error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    digit: int
+    confidence: float
+    probs: list[float]
+    model_id: str
+    version: str
+    uncertain: bool
+    preview: npt.NDArray[np.uint8]  # 28x28, what the model saw
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    manifest: ManifestV1_1
+    net: nn.Module
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest.model_id
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _state_dict_of(loaded: object) -> dict[str, torch.Tensor]:
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping) or not loaded:
+        raise CandidateError("invalid_weights", "the weights file must hold a state dict (name -> tensor)")
+    state: dict[str, torch.Tensor] = {}
+    for key, value in loaded.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CandidateError("invalid_weights", "the weights file must hold a state dict (name -> tensor)")
+        state[key] = value
+    return state
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state dict without running code: `torch.load(weights_only=True)`, never plain pickle."""
+    try:
+        loaded: object = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure to load safely is a refusal; the reason goes to the uploader
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CandidateError(
+            "invalid_weights",
+            f"the weights could not be loaded safely with torch.load(weights_only=True): {first_line[:300]}",
+        ) from exc
+    return _state_dict_of(loaded)
+
+
+def smoke_input() -> torch.Tensor:
+    """Two fixed inputs: an empty canvas and a drawn '1'."""
+    blank = np.zeros((CANVAS, CANVAS), dtype=np.uint8)
+    one = blank.copy()
+    one[4:24, 13:16] = 255
+    return to_tensor(np.stack([blank, one]))
+
+
+def load_candidate(weights: Path, manifest: ManifestV1_1) -> LoadedModel:
+    """Load, check against the manifest's arch, prepare for inference, and smoke-test a model.
+
+    Raises CandidateError with the reason a human needs; never runs code from the weights file.
+    """
+    if manifest.arch != ARCH:
+        raise CandidateError("unsupported_arch", f"arch {manifest.arch!r} is not served here; expected {ARCH!r}")
+    if manifest.n_classes != N_CLASSES:
+        raise CandidateError("unsupported_arch", f"n_classes is {manifest.n_classes}; this service reads {N_CLASSES}")
+    state = load_weights(weights)
+    net = build_model(manifest.n_classes)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:400]
+        raise CandidateError("weights_mismatch", f"the weights do not fit arch {ARCH!r}: {detail}") from exc
+    net = prepare_for_inference(net)
+    try:
+        probs = forward_probs(net, smoke_input(), manifest.temperature, tta=False)
+    except Exception as exc:  # whatever breaks the forward pass refuses the model
+        raise CandidateError("smoke_test_failed", f"a smoke prediction failed: {exc}") from exc
+    if probs.shape != (2, manifest.n_classes) or not bool(torch.isfinite(probs).all()):
+        raise CandidateError("smoke_test_failed", "a smoke prediction gave non-finite or misshapen probabilities")
+    return LoadedModel(manifest=manifest, net=net)
+
+
+def prepare_for_inference(net: nn.Module) -> nn.Module:
+    net.eval()
+    for param in net.parameters():
+        param.requires_grad_(False)
+    return net.to(memory_format=torch.channels_last)
+
+
+def forward_probs(net: nn.Module, batch: torch.Tensor, temperature: float, *, tta: bool) -> torch.Tensor:
+    """Probabilities (N x classes) for a normalised N x 1 x 28 x 28 batch."""
+    with torch.inference_mode():
+        if tta:
+            views = [torch.roll(batch, shifts=shift, dims=(2, 3)) for shift in TTA_SHIFTS]
+            stacked = torch.cat(views).contiguous(memory_format=torch.channels_last)
+            probs = torch.softmax(net(stacked).float() / temperature, dim=1)
+            return probs.reshape(len(TTA_SHIFTS), batch.shape[0], -1).mean(dim=0)
+        logits = net(batch.contiguous(memory_format=torch.channels_last)).float()
+        return torch.softmax(logits / temperature, dim=1)
+
+
+# --- serving -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    tensor: torch.Tensor
+    future: asyncio.Future[tuple[list[float], LoadedModel]]
+
+
+@dataclass
+class _Runtime:
+    """What exists only while the server runs inside an event loop."""
+
+    preprocess_pool: ThreadPoolExecutor
+    infer_pool: ThreadPoolExecutor
+    queue: asyncio.Queue[_Job]
+    lock: asyncio.Lock
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+class ModelServer:
+    """The model that answers reads, and the only way to change it."""
+
+    def __init__(self, settings: Settings, store: ModelStore | None = None) -> None:
+        self.settings = settings
+        self.api = settings.api
+        self.store = store or ModelStore(settings.models_dir, keep_versions=settings.api.keep_versions)
+        self.threads = self.api.torch_threads or cpu_count()
+        self._current: LoadedModel | None = None
+        self._runtime: _Runtime | None = None
+        self._preprocessing = 0
+        self._failed_pointer: ActivePointer | None = None
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        """Start the batcher and serve the stored active version, if there is one."""
+        if self._runtime is not None:
+            return
+        torch.set_num_threads(self.threads)
+        await asyncio.to_thread(self.store.prepare)
+        runtime = _Runtime(
+            preprocess_pool=ThreadPoolExecutor(max_workers=max(2, cpu_count()), thread_name_prefix="preprocess"),
+            infer_pool=ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="infer", initializer=torch.set_num_threads, initargs=(self.threads,)
+            ),
+            queue=asyncio.Queue(),
+            lock=asyncio.Lock(),
+        )
+        self._runtime = runtime
+        runtime.tasks.append(asyncio.create_task(self._run_batches(), name="model-batcher"))
+        await self._follow_pointer_once()
+        if self.api.model_poll_s > 0:
+            runtime.tasks.append(asyncio.create_task(self._follow_pointer(), name="model-pointer"))
+
+    async def stop(self) -> None:
+        runtime, self._runtime = self._runtime, None
+        if runtime is None:
+            return
+        for task in runtime.tasks:
+            task.cancel()
+        await asyncio.gather(*runtime.tasks, return_exceptions=True)
+        while not runtime.queue.empty():
+            job = runtime.queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(ModelNotReadyError("the service is shutting down"))
+        runtime.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+        runtime.infer_pool.shutdown(wait=True, cancel_futures=True)
+
+    # --- the interface routes and the Discord handler use ---
+
+    def is_ready(self) -> bool:
+        return self._current is not None and self._runtime is not None
+
+    def active_manifest(self) -> ManifestV1_1 | None:
+        current = self._current
+        return current.manifest if current is not None else None
+
+    async def read_digit(self, data: bytes, *, invert: bool | None = None) -> Prediction:
+        """Image bytes -> Prediction. Raises PreprocessError subclasses, ModelNotReadyError,
+        PredictionTimeoutError."""
+        runtime = self._runtime
+        if runtime is None or self._current is None:
+            raise ModelNotReadyError()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.api.read_timeout_s):
+                self._preprocessing += 1
+                try:
+                    pre = await loop.run_in_executor(
+                        runtime.preprocess_pool,
+                        functools.partial(preprocess, data, invert=invert, max_pixels=self.api.read_max_pixels),
+                    )
+                finally:
+                    self._preprocessing -= 1
+                future: asyncio.Future[tuple[list[float], LoadedModel]] = loop.create_future()
+                runtime.queue.put_nowait(_Job(pre.tensor, future))
+                probs, model = await future
+        except TimeoutError as exc:
+            raise PredictionTimeoutError(self.api.read_timeout_s) from exc
+        digit = max(range(len(probs)), key=probs.__getitem__)
+        confidence = probs[digit]
+        return Prediction(
+            digit=digit,
+            confidence=confidence,
+            probs=probs,
+            model_id=model.model_id,
+            version=model.version,
+            uncertain=confidence < self.api.uncertain_below,
+            preview=pre.preview,
+        )
+
+    # --- changing the served model ---
+
+    async def add_version(
+        self, incoming: Path, manifest: ManifestV1_1, weights_sha256: str, *, activate: bool
+    ) -> tuple[StoredVersion, bool]:
+        """Validate an uploaded model (weights at `incoming/model.pt`), store it, maybe serve it.
+
+        The candidate is loaded and smoke-tested before anything is stored; on any refusal
+        `incoming` is removed, nothing is stored and the served model is untouched.
+        Returns the stored version and whether it is now active.
+        """
+        runtime = self._require_runtime()
+        weights = incoming / "model.pt"
+        try:
+            candidate = await asyncio.to_thread(load_candidate, weights, manifest)
+        except BaseException:
+            FAILED_ACTIVATIONS.inc()
+            await asyncio.to_thread(self.store.discard, incoming)
+            raise
+        async with runtime.lock:
+            stored, _ = await asyncio.to_thread(self.store.commit, incoming, manifest, weights_sha256)
+            if activate:
+                await asyncio.to_thread(self.store.set_active, stored.model_id, stored.version)
+                self._install(LoadedModel(manifest=stored.manifest, net=candidate.net))
+            await asyncio.to_thread(self.store.prune, stored.model_id)
+        return stored, activate
+
+    async def activate(self, model_id: str, version: str) -> StoredVersion:
+        """Serve a stored version (a rollback, or a version uploaded without activation)."""
+        runtime = self._require_runtime()
+        stored = await asyncio.to_thread(self.store.get, model_id, version)
+        try:
+            candidate = await asyncio.to_thread(load_candidate, stored.weights_path, stored.manifest)
+        except BaseException:
+            FAILED_ACTIVATIONS.inc()
+            raise
+        async with runtime.lock:
+            await asyncio.to_thread(self.store.set_active, model_id, version)
+            self._install(candidate)
+        return stored
+
+    def _install(self, model: LoadedModel) -> None:
+        previous = self._current
+        self._current = model  # the swap: one reference assignment
+        self._failed_pointer = None
+        MODEL_SWAPS.inc()
+        ACTIVE_MODEL.clear()
+        ACTIVE_MODEL.labels(model_id=model.model_id, version=model.version).set(1)
+        log.info(
+            "serving %s %s (was %s)", model.model_id, model.version,
+            f"{previous.model_id} {previous.version}" if previous else "none",
+            extra={"model_id": model.model_id, "version": model.version},
+        )
+
+    def _require_runtime(self) -> _Runtime:
+        if self._runtime is None:
+            raise ModelNotReadyError("the model server is not running")
+        return self._runtime
+
+    # --- following the active pointer (a restart, or another process sharing DATA_DIR) ---
+
+    async def _follow_pointer(self) -> None:
+        while True:
+            await asyncio.sleep(self.api.model_poll_s)
+            try:
+                await self._follow_pointer_once()
+            except Exception:
+                log.exception("following the active pointer failed")
+
+    async def _follow_pointer_once(self) -> None:
+        runtime = self._require_runtime()
+        pointer = await asyncio.to_thread(self.store.active)
+        if pointer is None or pointer == self._failed_pointer or pointer == self._served_pointer():
+            return
+        async with runtime.lock:
+            pointer = await asyncio.to_thread(self.store.active)
+            if pointer is None or pointer == self._served_pointer():
+                return
+            try:
+                stored = await asyncio.to_thread(self.store.get, pointer.model_id, pointer.version)
+                candidate = await asyncio.to_thread(load_candidate, stored.weights_path, stored.manifest)
+            except (CandidateError, VersionNotFoundError, OSError) as exc:
+                self._failed_pointer = pointer
+                FAILED_ACTIVATIONS.inc()
+                log.error("cannot serve the active version %s %s: %s", pointer.model_id, pointer.version, exc)
+                return
+            self._install(candidate)
+
+    def _served_pointer(self) -> ActivePointer | None:
+        current = self._current
+        return ActivePointer(current.model_id, current.version) if current is not None else None
+
+    # --- the batcher ---
+
+    async def _run_batches(self) -> None:
+        runtime = self._require_runtime()
+        loop = asyncio.get_running_loop()
+        wait_s = self.api.batch_wait_ms / 1000.0
+        while True:
+            batch = [await runtime.queue.get()]
+            self._drain(runtime.queue, batch)
+            # Wait a moment for reads still being preprocessed, only when there are some: a read
+            # that arrives alone is never delayed.
+            deadline = loop.time() + wait_s
+            while len(batch) < self.api.batch_max and self._preprocessing > 0 and loop.time() < deadline:
+                await asyncio.sleep(_BATCH_POLL_S)
+                self._drain(runtime.queue, batch)
+            live = [job for job in batch if not job.future.done()]
+            model = self._current
+            if not live or model is None:
+                continue
+            started = time.perf_counter()
+            try:
+                probs = await loop.run_in_executor(
+                    runtime.infer_pool, self._forward, model, [job.tensor for job in live]
+                )
+            except Exception as exc:
+                log.exception("batched forward pass failed")
+                for job in live:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            log.debug("batch of %d in %.1f ms", len(live), (time.perf_counter() - started) * 1000)
+            for job, row in zip(live, probs, strict=True):
+                if not job.future.done():
+                    job.future.set_result((row, model))
+
+    def _drain(self, queue: asyncio.Queue[_Job], batch: list[_Job]) -> None:
+        while len(batch) < self.api.batch_max and not queue.empty():
+            batch.append(queue.get_nowait())
+
+    def _forward(self, model: LoadedModel, tensors: list[torch.Tensor]) -> list[list[float]]:
+        batch = torch.cat(tensors)
+        probs = forward_probs(model.net, batch, model.manifest.temperature, tta=self.api.tta)
+        rows: list[list[float]] = probs.tolist()
+        return [[p if math.isfinite(p) else 0.0 for p in row] for row in rows]

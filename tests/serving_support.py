@@ -1,0 +1,138 @@
+"""Real models and images for the inference service's tests (and anyone who needs a served model).
+
+Models are randomly initialised 1-channel ResNet-18s with the real arch; `forced_digit` sets the
+classifier's bias so the model always answers that digit, which lets a test tell models apart by
+their answers as well as by the version they name.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import torch
+from PIL import Image, ImageDraw
+
+from app.contracts import N_CLASSES, ManifestV1_1
+from app.network import ARCH, build_model
+from app.preprocess import PREPROCESS_HASH
+from app.store import WEIGHTS_FILE, ModelStore
+
+API_KEY = "test-admin-key"
+MODEL_ID = "mnist_resnet18_v1"
+
+
+@functools.lru_cache(maxsize=1)
+def _base_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {k: v.clone() for k, v in build_model().state_dict().items()}
+
+
+def model_state(forced_digit: int | None = None) -> dict[str, torch.Tensor]:
+    state = dict(_base_state())
+    if forced_digit is not None:
+        bias = torch.zeros(N_CLASSES)
+        bias[forced_digit] = 50.0
+        state["fc.bias"] = bias
+    return state
+
+
+@functools.lru_cache(maxsize=16)
+def weights_bytes(forced_digit: int | None = None) -> bytes:
+    buf = io.BytesIO()
+    torch.save(model_state(forced_digit), buf)
+    return buf.getvalue()
+
+
+def manifest(model_id: str = MODEL_ID, version: str = "v1", **overrides: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "schema_version": "v1.1",
+        "model_id": model_id,
+        "arch": ARCH,
+        "n_classes": N_CLASSES,
+        "version": version,
+        "created_at": datetime.now(UTC).isoformat(),
+        "preprocess_hash": PREPROCESS_HASH,
+        "val_acc": 0.5,
+        "temperature": 1.0,
+        "epochs": 1,
+        "notes": "random weights for tests",
+    }
+    doc.update(overrides)
+    return doc
+
+
+def upload_files(
+    manifest_doc: dict[str, object] | bytes, weights: bytes, *, model_id: str = MODEL_ID, activate: bool | None = True
+) -> tuple[dict[str, str], dict[str, tuple[str, bytes, str]]]:
+    raw = manifest_doc if isinstance(manifest_doc, bytes) else json.dumps(manifest_doc).encode()
+    data = {"model_id": model_id}
+    if activate is not None:
+        data["activate"] = "true" if activate else "false"
+    files = {
+        "manifest": ("manifest.json", raw, "application/json"),
+        "model": ("model.pt", weights, "application/octet-stream"),
+    }
+    return data, files
+
+
+def upload(
+    client: httpx.Client,
+    manifest_doc: dict[str, object] | bytes,
+    weights: bytes,
+    *,
+    model_id: str = MODEL_ID,
+    activate: bool | None = True,
+    key: str | None = API_KEY,
+) -> httpx.Response:
+    data, files = upload_files(manifest_doc, weights, model_id=model_id, activate=activate)
+    headers = {"X-Api-Key": key} if key is not None else {}
+    return client.post("/v1/admin/models/upload", data=data, files=files, headers=headers, timeout=60)
+
+
+def install_model(
+    data_dir: Path, version: str = "v1", *, model_id: str = MODEL_ID, forced_digit: int | None = None
+) -> None:
+    """Store a model and make it active directly on disk, as a trained model left by `make run` would be."""
+    store = ModelStore(data_dir / "models")
+    store.prepare()
+    incoming = store.new_incoming()
+    (incoming / WEIGHTS_FILE).write_bytes(weights_bytes(forced_digit))
+    sha = hashlib.sha256(weights_bytes(forced_digit)).hexdigest()
+    store.commit(incoming, ManifestV1_1.model_validate_json(json.dumps(manifest(model_id, version))), sha)
+    store.set_active(model_id, version)
+
+
+def digit_png(size: int = 96, *, dark_on_light: bool = True) -> bytes:
+    """A hand-drawn-looking '7' as a PNG."""
+    paper, ink = (255, 0) if dark_on_light else (0, 255)
+    img = Image.new("L", (size, size), paper)
+    draw = ImageDraw.Draw(img)
+    s = size
+    draw.line([(0.25 * s, 0.2 * s), (0.75 * s, 0.2 * s), (0.45 * s, 0.85 * s)], fill=ink, width=max(2, s // 12))
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def store_snapshot(data_dir: Path) -> dict[str, str]:
+    """Every file under the model store with its sha256: to prove a refusal changed nothing."""
+    root = data_dir / "models"
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
