@@ -46,6 +46,8 @@ class TrainSettings(BaseModel):
     val_size: int = Field(default=5000, ge=1)
     threads: int = Field(default=0, ge=0, description="0: the cores available")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda)$")
+    precision: str = Field(default="auto", pattern=r"^(auto|fp32|bf16|fp16)$",
+                           description="auto: bf16 where the CPU has native bf16, bf16/fp16 on CUDA, else fp32")
     progress_every: int = Field(default=20, ge=1, description="batches between progress events")
     noise_prob: float = Field(default=0.0, ge=0, le=1, description="salt/pepper per-pixel probability")
     dots_prob: float = Field(default=0.0, ge=0, le=1, description="share of images given dots/occlusions")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from app.redis_embedded import EmbeddedRedis
 from config.settings import get_settings
+from worker.commands import add_commands
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -22,13 +23,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    """Embedded Redis (unless REDIS_URL is set) + the API, in one command; Ctrl-C stops everything."""
+    """Embedded Redis (unless REDIS_URL is set) + the API + a worker; a first model is trained when none
+    is active. Ctrl-C stops everything."""
+    from worker.commands import dev_environment, start_worker, train_first_model_if_none
+
     settings = get_settings()
     embedded = None if settings.redis_url else EmbeddedRedis().start()
     env = dict(os.environ)
     if embedded is not None:
         env["REDIS_URL"] = embedded.url
         print(f"digits dev: embedded Redis on {embedded.url}", flush=True)
+    api_url = f"http://{args.host}:{args.port}"
+    env = dev_environment(env, api_url)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(subprocess.Popen(
@@ -36,7 +42,13 @@ def _dev(args: argparse.Namespace) -> int:
              "--log-level", "warning", "--no-access-log"],
             env=env,
         ))
-        print(f"digits dev: API on http://{args.host}:{args.port} (Ctrl-C stops everything)", flush=True)
+        print(f"digits dev: API on {api_url} (Ctrl-C stops everything)", flush=True)
+        procs.append(start_worker(env))
+        print(f"digits dev: training worker on queue {settings.rq.queue!r}", flush=True)
+        first_job = train_first_model_if_none(api_url, env)
+        if first_job is not None:
+            print(f"digits dev: no model is active; training the first one (job {first_job}, "
+                  f"progress at {api_url}/v1/jobs/{first_job})", flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
         return 1
@@ -45,6 +57,7 @@ def _dev(args: argparse.Namespace) -> int:
     finally:
         for p in procs:
             if p.poll() is None:
+                # A second SIGINT makes the RQ worker stop at once, ending a training in progress.
                 p.send_signal(signal.SIGINT)
         for p in procs:
             try:
@@ -80,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("discord-sync", help="register the slash commands with Discord (bulk overwrite)")
     sync.add_argument("--guild", metavar="ID", default=None, help="one guild (updates at once) instead of global")
     sync.set_defaults(func=_discord_sync)
+
+    add_commands(sub)
     return parser
 
 

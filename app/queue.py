@@ -1,0 +1,162 @@
+"""The one way training is started (`enqueue_train`) and the one way a job's state is read (`read_job`).
+
+RQ is wrapped here, typed, so routes and the Discord handler never touch it. A job's status and
+progress live in Redis as RQ's `job.meta`, under the keys named below; the worker writes them and
+`read_job` (and anyone late to the events channel) reads them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final, Literal
+
+import redis
+from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from app.contracts import (
+    JOB_FAILURE_TTL_S,
+    JOB_RESULT_TTL_S,
+    JOB_RETRY_INTERVALS_S,
+    JOB_RETRY_MAX,
+    JOB_TIMEOUT_S,
+    DigitsTrainJobV1,
+)
+from app.deps import Services
+
+# Our worker's job function. `app` never imports `worker`, so RQ gets the dotted name.
+TRAIN_JOB_FUNC: Final = "worker.job.process_train_job"
+
+# job.meta keys (written by the worker, read here)
+META_REQUEST_ID: Final = "request_id"
+META_USER_ID: Final = "user_id"
+META_MODEL_ID: Final = "model_id"
+META_STAGE: Final = "stage"  # queued | preparing | training | evaluating | uploading | completed | failed | retrying
+META_PROGRESS: Final = "progress"  # the last progress event's fields
+META_LAST_EVENT: Final = "last_event"  # the last event published, as its JSON text
+META_RESULT: Final = "result"  # what the completed event carried, plus the artifacts' path
+META_ERROR: Final = "error"  # {"kind": "user" | "system", "message": str}
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+JobState = Literal["queued", "started", "finished", "failed"]
+_STATE_BY_RQ: Final[dict[str, JobState]] = {
+    JobStatus.QUEUED.value: "queued",
+    JobStatus.DEFERRED.value: "queued",
+    JobStatus.SCHEDULED.value: "queued",  # waiting for a retry
+    JobStatus.STARTED.value: "started",
+    JobStatus.FINISHED.value: "finished",
+    JobStatus.FAILED.value: "failed",
+    JobStatus.STOPPED.value: "failed",
+    JobStatus.CANCELED.value: "failed",
+}
+
+
+class TrainingUnavailableError(Exception):
+    """Training cannot be started now (Redis down or unreachable). The message is fit for users."""
+
+
+class TrainingNotConfiguredError(TrainingUnavailableError):
+    """REDIS_URL is unset: this deployment has no training."""
+
+
+def _connection(services: Services) -> redis.Redis:
+    if services.redis is None:
+        raise TrainingNotConfiguredError("Training is not configured: REDIS_URL is not set.")
+    return services.redis
+
+
+def enqueue_train(services: Services, job: DigitsTrainJobV1) -> str:
+    """Put a validated job on the training queue with the contract's RQ options; returns the RQ job id."""
+    connection = _connection(services)
+    payload = DigitsTrainJobV1.model_validate(job.model_dump()).model_dump(mode="json")
+    queue = Queue(services.settings.rq.queue, connection=connection)
+    try:
+        rq_job = queue.enqueue_call(
+            TRAIN_JOB_FUNC,
+            args=(payload,),
+            timeout=JOB_TIMEOUT_S,
+            result_ttl=JOB_RESULT_TTL_S,
+            failure_ttl=JOB_FAILURE_TTL_S,
+            retry=Retry(max=JOB_RETRY_MAX, interval=list(JOB_RETRY_INTERVALS_S)),
+            description=f"digits.train.v1 {job.model_id} request {job.request_id}",
+            meta={
+                META_REQUEST_ID: job.request_id,
+                META_USER_ID: job.user_id,
+                META_MODEL_ID: job.model_id,
+                META_STAGE: "queued",
+            },
+        )
+    except redis.RedisError as exc:
+        raise TrainingUnavailableError(
+            "Training is unavailable right now: the job queue (Redis) cannot be reached. Try again later."
+        ) from exc
+    return str(rq_job.id)
+
+
+@dataclass(frozen=True)
+class JobView:
+    job_id: str
+    status: JobState
+    rq_status: str
+    stage: str | None
+    request_id: str | None
+    user_id: int | None
+    model_id: str | None
+    progress: dict[str, object] | None
+    result: dict[str, object] | None
+    error: dict[str, object] | None
+    enqueued_at: datetime | None
+    started_at: datetime | None
+    ended_at: datetime | None
+
+
+def _dict_or_none(value: object) -> dict[str, object] | None:
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    return None
+
+
+def read_job(services: Services, job_id: str) -> JobView | None:
+    """The job's state, or None when no training job has that id (expired jobs included)."""
+    connection = _connection(services)
+    if not _JOB_ID.match(job_id):
+        return None
+    try:
+        try:
+            job = Job.fetch(job_id, connection=connection)
+        except NoSuchJobError:
+            return None
+        if job.origin != services.settings.rq.queue:
+            return None
+        rq_status = str(job.get_status(refresh=False).value)
+        meta = job.get_meta(refresh=False)
+        error = _dict_or_none(meta.get(META_ERROR))
+        status = _STATE_BY_RQ.get(rq_status, "queued")
+        if status == "failed" and error is None:
+            latest = job.latest_result()
+            exc_string = (latest.exc_string or "") if latest is not None else ""
+            last_line = exc_string.strip().splitlines()[-1] if exc_string.strip() else "the job failed"
+            error = {"kind": "system", "message": last_line[:2000]}
+    except redis.RedisError as exc:
+        raise TrainingUnavailableError("Job status is unavailable right now: Redis cannot be reached.") from exc
+
+    user_id = meta.get(META_USER_ID)
+    return JobView(
+        job_id=job.id,
+        status=status,
+        rq_status=rq_status,
+        stage=str(meta[META_STAGE]) if META_STAGE in meta else None,
+        request_id=str(meta[META_REQUEST_ID]) if META_REQUEST_ID in meta else None,
+        user_id=user_id if isinstance(user_id, int) else None,
+        model_id=str(meta[META_MODEL_ID]) if META_MODEL_ID in meta else None,
+        progress=_dict_or_none(meta.get(META_PROGRESS)),
+        result=_dict_or_none(meta.get(META_RESULT)) if status == "finished" else None,
+        error=error if status == "failed" else None,
+        enqueued_at=job.enqueued_at,
+        started_at=job.started_at,
+        ended_at=job.ended_at,
+    )

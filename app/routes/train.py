@@ -1,0 +1,58 @@
+"""`POST /v1/train`: enqueue a training job, optionally overriding the `/train` defaults."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.auth import ApiKeyDep
+from app.contracts import DigitsTrainJobV1
+from app.deps import ServicesDep
+from app.errors import ApiError
+from app.observability import current_request_id, new_request_id
+from app.queue import TrainingUnavailableError, enqueue_train
+
+router = APIRouter(tags=["training"])
+
+
+class TrainRequest(BaseModel):
+    """Overrides of the job payload; every field is optional and checked against DigitsTrainJobV1's rules."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    user_id: int | None = Field(default=None, description="who asked (0 for HTTP callers)")
+    model_id: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int | None = None
+    augment: bool | None = None
+    notes: str | None = None
+
+
+class TrainAccepted(BaseModel):
+    request_id: str
+    job_id: str
+    status_url: str
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()[:5]]
+    return "invalid training request: " + "; ".join(parts)
+
+
+@router.post("/v1/train", status_code=status.HTTP_202_ACCEPTED, response_model=TrainAccepted)
+def create_training_job(_: ApiKeyDep, services: ServicesDep, body: TrainRequest | None = None) -> TrainAccepted:
+    """Queue a digits.train.v1 job; 503 `training_unavailable` when Redis is not configured or not reachable."""
+    overrides = body.model_dump(exclude_unset=True) if body is not None else {}
+    request_id = current_request_id() or new_request_id()
+    try:
+        job = DigitsTrainJobV1.model_validate({**overrides, "request_id": request_id,
+                                               "user_id": overrides.get("user_id", 0) or 0})
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", _describe(exc)) from exc
+    try:
+        job_id = enqueue_train(services, job)
+    except TrainingUnavailableError as exc:
+        raise ApiError(503, "training_unavailable", str(exc)) from exc
+    return TrainAccepted(request_id=request_id, job_id=job_id, status_url=f"/v1/jobs/{job_id}")

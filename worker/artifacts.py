@@ -1,0 +1,93 @@
+"""What a run leaves on disk: `model.pt` (a state dict, loadable with weights_only=True) + `manifest.json`."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from app.contracts import MANIFEST_SCHEMA_VERSION, N_CLASSES, DigitsTrainJobV1, ManifestV1_1, utc_now
+from app.network import ARCH
+from app.preprocess import PREPROCESS_HASH
+from worker.train import TrainOutcome
+
+WEIGHTS_NAME = "model.pt"
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    directory: Path
+    weights_path: Path
+    manifest_path: Path
+    manifest: dict[str, object]
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+
+def new_version(now: datetime) -> str:
+    """Unique per run and sortable by time: 20250101T120000Z-3f9a1c2b."""
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_artifacts(
+    out_dir: Path, job: DigitsTrainJobV1, outcome: TrainOutcome, settings_used: dict[str, object]
+) -> Artifacts:
+    """Writes `out_dir/<model_id>/<version>/{model.pt, manifest.json}`; the manifest passes ManifestV1_1."""
+    created = utc_now()
+    version = new_version(created)
+    directory = out_dir / job.model_id / version
+    directory.mkdir(parents=True, exist_ok=True)
+
+    buf = io.BytesIO()
+    torch.save(outcome.state_dict, buf)
+    weights = buf.getvalue()
+    manifest: dict[str, object] = {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "model_id": job.model_id,
+        "arch": ARCH,
+        "n_classes": N_CLASSES,
+        "version": version,
+        "created_at": created.isoformat(),
+        "preprocess_hash": PREPROCESS_HASH,
+        "val_acc": round(outcome.val_acc, 6),
+        "temperature": 1.0,
+        "test_acc": round(outcome.test_acc, 6),
+        "epochs": job.epochs,
+        "batch_size": job.batch_size,
+        "lr": job.lr,
+        "seed": job.seed,
+        "augment": job.augment,
+        "device": outcome.device,
+        "train_seconds": round(outcome.seconds, 2),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "train_samples": outcome.train_samples,
+        "notes": job.notes,
+        "request_id": job.request_id,
+        "best_epoch": outcome.best_epoch,
+        "settings": settings_used,
+    }
+    ManifestV1_1.model_validate_json(json.dumps(manifest))  # our own output honours the contract
+    weights_path = directory / WEIGHTS_NAME
+    manifest_path = directory / MANIFEST_NAME
+    _write_atomic(weights_path, weights)
+    _write_atomic(manifest_path, json.dumps(manifest, indent=2).encode("utf-8"))
+    return Artifacts(directory=directory, weights_path=weights_path, manifest_path=manifest_path, manifest=manifest)

@@ -1,0 +1,208 @@
+"""The RQ job function (`process_train_job`) and the run it shares with `digits train` (`run_training`).
+
+The job validates its payload before anything else: an invalid one fails at once as a user error and
+is not retried. Progress goes to the events channel and `job.meta` as training runs; the terminal
+events (completed / failed) are published by `worker.rq_worker.TrainWorker` once RQ has recorded the
+outcome, so a subscriber that reads `GET /v1/jobs/{id}` on the event always sees the final status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from pydantic import ValidationError
+from rq import get_current_job
+from rq.job import Job
+
+from app.contracts import DigitsTrainJobV1
+from app.queue import META_ERROR, META_RESULT
+from config.settings import Settings, get_settings
+from worker.artifacts import write_artifacts
+from worker.augment import Modifiers
+from worker.data import MnistUnavailableError, load_mnist
+from worker.events import JobReporter, salvage_ids, save_meta
+from worker.train import Progress, TrainConfig, available_cores, describe_device, pick_device, pick_precision, train
+from worker.upload import UploadError, upload_artifacts
+
+log = logging.getLogger(__name__)
+
+
+class JobFailure(Exception):
+    """A failure the job understands: who is at fault, what to tell them, and whether a retry could help."""
+
+    def __init__(self, kind: Literal["user", "system"], message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.kind: Literal["user", "system"] = kind
+        self.message = message
+        self.retryable = retryable
+
+
+class RunHooks(Protocol):
+    def stage(self, name: str) -> None: ...
+    def started(self, total_epochs: int, device: str) -> None: ...
+    def progress(self, progress: Progress) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunResult:
+    model_id: str
+    version: str
+    val_acc: float
+    test_acc: float
+    activated: bool
+    uploaded: bool
+    artifacts_dir: str
+    device: str
+    train_seconds: float
+    train_samples: int
+    upload_note: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def train_config(job: DigitsTrainJobV1, settings: Settings) -> TrainConfig:
+    t = settings.train
+    return TrainConfig(
+        epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, seed=job.seed, augment=job.augment,
+        modifiers=Modifiers(noise_prob=t.noise_prob, dots_prob=t.dots_prob, blur_prob=t.blur_prob,
+                            morph_prob=t.morph_prob),
+        device=t.device, precision=t.precision, threads=t.threads, progress_every=t.progress_every,
+    )
+
+
+def run_training(
+    job: DigitsTrainJobV1,
+    settings: Settings,
+    hooks: RunHooks,
+    *,
+    out_dir: Path | None = None,
+    upload_url: str | None = None,
+    upload: bool = True,
+) -> RunResult:
+    """Data, training, artifacts, upload. Raises JobFailure with a message fit for the user."""
+    cfg = train_config(job, settings)
+    device = pick_device(cfg.device)
+    threads = cfg.threads or available_cores()
+    hooks.started(job.epochs, describe_device(device, pick_precision(device, cfg.precision), threads))
+
+    hooks.stage("preparing")
+    try:
+        data = load_mnist(settings.cache_dir, val_size=settings.train.val_size, limit=settings.train.limit,
+                          workers=threads, on_status=lambda msg: log.info(msg))
+    except MnistUnavailableError as exc:
+        raise JobFailure("system", f"training data unavailable: {exc}") from exc
+
+    hooks.stage("training")
+    outcome = train(cfg, data, on_progress=hooks.progress)
+
+    hooks.stage("saving")
+    used = settings.train.model_dump(mode="json", exclude={"upload_attempts", "upload_backoff_s", "upload_timeout_s"})
+    artifacts = write_artifacts(out_dir or settings.artifacts_dir, job, outcome, used)
+    log.info("artifacts written to %s (val_acc %.4f, test_acc %.4f)", artifacts.directory, outcome.val_acc,
+             outcome.test_acc)
+
+    activated = uploaded = False
+    note: str | None = None
+    key = settings.handwriting_api_key
+    if upload and key is None:
+        note = "not uploaded: HANDWRITING_API_KEY is not set"
+    elif upload:
+        hooks.stage("uploading")
+        url = upload_url or settings.handwriting_api_url
+        t = settings.train
+        try:
+            result = upload_artifacts(artifacts, url, key.get_secret_value() if key else "",
+                                      attempts=t.upload_attempts, backoff_s=t.upload_backoff_s,
+                                      timeout_s=t.upload_timeout_s)
+        except UploadError as exc:
+            raise JobFailure("system", f"{exc}. The trained model is kept at {artifacts.directory}") from exc
+        activated, uploaded = result.activated, True
+    return RunResult(
+        model_id=job.model_id, version=artifacts.version, val_acc=round(outcome.val_acc, 6),
+        test_acc=round(outcome.test_acc, 6), activated=activated, uploaded=uploaded,
+        artifacts_dir=str(artifacts.directory), device=outcome.device, train_seconds=round(outcome.seconds, 2),
+        train_samples=outcome.train_samples, upload_note=note,
+    )
+
+
+class _ReporterHooks:
+    def __init__(self, reporter: JobReporter) -> None:
+        self.reporter = reporter
+
+    def stage(self, name: str) -> None:
+        self.reporter.stage(name)
+
+    def started(self, total_epochs: int, device: str) -> None:
+        self.reporter.started(total_epochs, device)
+
+    def progress(self, progress: Progress) -> None:
+        fields = {k: v for k, v in asdict(progress).items() if k != "eta_s"}
+        self.reporter.progress(fields)
+
+
+def parse_payload(payload: object) -> DigitsTrainJobV1:
+    """The payload as enqueued (a dict; a JSON text is accepted too). Raises JobFailure('user')."""
+    try:
+        if isinstance(payload, str | bytes):
+            return DigitsTrainJobV1.model_validate_json(payload)
+        if not isinstance(payload, dict):
+            raise JobFailure("user", f"invalid digits.train.v1 payload: expected a JSON object, got "
+                                     f"{type(payload).__name__}")
+        return DigitsTrainJobV1.model_validate(payload)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'payload'}: {err['msg']}" for err in exc.errors()[:5]
+        )
+        raise JobFailure("user", f"invalid digits.train.v1 payload: {problems}") from exc
+
+
+def _record_failure(rq_job: Job | None, failure: JobFailure) -> None:
+    if rq_job is None:
+        return
+    if not failure.retryable:
+        rq_job.retries_left = 0  # RQ's worker reads this when it decides whether to retry
+    save_meta(rq_job, {META_ERROR: {"kind": failure.kind, "message": failure.message[:2000]}})
+
+
+def process_train_job(payload: object) -> dict[str, object]:
+    """RQ entry point for a `digits.train.v1` job (also reached through the legacy target string)."""
+    rq_job = get_current_job()
+    settings = get_settings()
+    job_id = rq_job.id if rq_job is not None else "local"
+    try:
+        job = parse_payload(payload)
+    except JobFailure as failure:
+        if rq_job is not None:
+            ids = salvage_ids(payload if not isinstance(payload, str | bytes) else _loads(payload), job_id,
+                              rq_job.meta)
+            save_meta(rq_job, {"request_id": ids.request_id, "user_id": ids.user_id, "model_id": ids.model_id})
+        _record_failure(rq_job, failure)
+        raise
+
+    ids = salvage_ids(job.model_dump(), job_id)
+    reporter = JobReporter(rq_job.connection if rq_job is not None else None, settings.digits_events_channel,
+                           rq_job, ids)
+    try:
+        result = run_training(job, settings, _ReporterHooks(reporter))
+    except JobFailure as failure:
+        _record_failure(rq_job, failure)
+        raise
+    except Exception as exc:
+        # Unexpected: RQ's retry policy applies. The message is the exception's own line.
+        _record_failure(rq_job, JobFailure("system", f"{type(exc).__name__}: {exc}", retryable=True))
+        raise
+    save_meta(rq_job, {META_RESULT: result.as_dict()})
+    return result.as_dict()
+
+
+def _loads(raw: str | bytes) -> object:
+    try:
+        value: object = json.loads(raw)
+    except ValueError:
+        return None
+    return value

@@ -1,0 +1,93 @@
+"""Upload a run's artifacts to the API's admin endpoint, retrying what is worth retrying.
+
+Connection errors, timeouts and 5xx are retried with exponential backoff (bounded by the attempts);
+a 4xx is the API refusing this model, so it is final at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import httpx
+
+from worker.artifacts import Artifacts
+
+log = logging.getLogger(__name__)
+
+UPLOAD_PATH: Final = "/v1/admin/models/upload"
+MAX_BACKOFF_S: Final = 60.0
+
+
+class UploadError(Exception):
+    """The upload failed for good; the message says why."""
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    activated: bool
+    status: int
+    body: dict[str, object]
+
+
+def _describe(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}: {response.text[:300]}"
+    if isinstance(body, dict) and "message" in body:
+        return f"HTTP {response.status_code} {body.get('code', '')}: {body['message']}"
+    return f"HTTP {response.status_code}: {str(body)[:300]}"
+
+
+def upload_artifacts(
+    artifacts: Artifacts,
+    base_url: str,
+    api_key: str,
+    *,
+    attempts: int = 6,
+    backoff_s: float = 2.0,
+    timeout_s: float = 120.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> UploadResult:
+    url = base_url.rstrip("/") + UPLOAD_PATH
+    manifest_bytes = artifacts.manifest_path.read_bytes()
+    weights_bytes = artifacts.weights_path.read_bytes()
+    model_id = str(artifacts.manifest["model_id"])
+    last_error = "no attempt made"
+    with httpx.Client(timeout=timeout_s) as client:
+        for attempt in range(1, attempts + 1):
+            try:
+                response = client.post(
+                    url,
+                    headers={"X-Api-Key": api_key},
+                    data={"model_id": model_id, "activate": "true"},
+                    files={
+                        "manifest": ("manifest.json", manifest_bytes, "application/json"),
+                        "model": ("model.pt", weights_bytes, "application/octet-stream"),
+                    },
+                )
+            except httpx.TransportError as exc:  # connection refused/reset, DNS, timeouts
+                last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:
+                if response.status_code < 300:
+                    try:
+                        body = response.json()
+                    except (ValueError, json.JSONDecodeError):
+                        body = {}
+                    body = body if isinstance(body, dict) else {}
+                    activated = body.get("activated", True)
+                    return UploadResult(activated=activated is True, status=response.status_code, body=body)
+                last_error = _describe(response)
+                if response.status_code < 500:
+                    raise UploadError(f"the API refused the model: {last_error}")
+            if attempt < attempts:
+                delay = min(MAX_BACKOFF_S, backoff_s * 2 ** (attempt - 1))
+                log.warning("upload attempt %d/%d to %s failed (%s); retrying in %.1fs",
+                            attempt, attempts, url, last_error, delay)
+                sleep(delay)
+    raise UploadError(f"upload to {url} failed after {attempts} attempts: {last_error}")
