@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from typing import Final
 
 # Discord's own numbers: an interaction token works for 15 minutes after the interaction.
@@ -42,32 +42,26 @@ class TrainRecord:
     token: str
     user_id: int
     created_at: float  # Unix seconds when we received the interaction
-    job_id: str | None = None
 
-    def to_redis(self) -> dict[str, str]:
-        fields = {
-            "request_id": self.request_id,
-            "token": self.token,
-            "user_id": str(self.user_id),
-            "created_at": repr(self.created_at),
-        }
-        if self.job_id is not None:
-            fields["job_id"] = self.job_id
-        return fields
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
-    def from_redis(cls, raw: Mapping[bytes, bytes]) -> TrainRecord | None:
-        fields = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in raw.items()}
-        try:
-            return cls(
-                request_id=fields["request_id"],
-                token=fields["token"],
-                user_id=int(fields["user_id"]),
-                created_at=float(fields["created_at"]),
-                job_id=fields.get("job_id") or None,
-            )
-        except (KeyError, ValueError):
+    def from_json(cls, raw: bytes | str | None) -> TrainRecord | None:
+        if raw is None:
             return None
+        try:
+            fields: object = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if not isinstance(fields, dict):
+            return None
+        request_id, token, user_id = fields.get("request_id"), fields.get("token"), fields.get("user_id")
+        created_at = fields.get("created_at")
+        if not (isinstance(request_id, str) and isinstance(token, str) and isinstance(user_id, int)
+                and isinstance(created_at, int | float)):
+            return None
+        return cls(request_id, token, user_id, float(created_at))
 
     def token_alive(self, now: float) -> bool:
         return now - self.created_at < TOKEN_LIFETIME_S - TOKEN_MARGIN_S

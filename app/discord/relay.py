@@ -1,0 +1,265 @@
+"""Training events → the Discord user who asked: edits of the /train reply, or a DM once its token is dead.
+
+Every API replica subscribes to the events channel (pub/sub is a broadcast) and resubscribes after
+a Redis outage. For each job one replica is the relay: the first to claim `discord:relay:owner:<id>`
+(a short lease, renewed by every event it sees), so each message is relayed once and a job's edits
+come from one place, in order. Within that replica the newest event wins: progress is shown at most
+once per `DISCORD_PROGRESS_INTERVAL_S`, and a final result is never overwritten by older progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Final
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from app.contracts import TrainCompletedV1, TrainFailedV1, TrainProgressV1, TrainStartedV1, parse_event
+from app.discord.client import Delivery, DiscordClient
+from app.discord.state import TrainRecord, relay_owner_key, train_record_key
+
+TrainEvent = TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1
+
+# One Redis round trip: take the lease if free, renew it if ours, else report someone else holds it.
+_CLAIM_LUA: Final = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+OWNER_LEASE_S: Final = 60
+# An edit this soon after the interaction may race Discord's own record of our reply: retry 404s.
+YOUNG_INTERACTION_S: Final = 15.0
+# A job relay with nothing to do for this long lets go (a later event starts a new one).
+IDLE_EXIT_S: Final = 600.0
+BAR_WIDTH: Final = 20
+
+log = logging.getLogger("app.discord.relay")
+
+
+def progress_bar(pct: float) -> str:
+    filled = round(max(0.0, min(100.0, pct)) / 100 * BAR_WIDTH)
+    return "█" * filled + "░" * (BAR_WIDTH - filled)
+
+
+def _ids(event: TrainEvent) -> str:
+    return f"request id `{event.request_id}` · job id `{event.job_id}`"
+
+
+def render(event: TrainEvent) -> str:
+    """The /train message for an event (also the DM text for a final one)."""
+    if isinstance(event, TrainStartedV1):
+        detail = []
+        if event.total_epochs is not None:
+            detail.append(f"{event.total_epochs} epoch{'s' if event.total_epochs != 1 else ''}")
+        if event.device:
+            detail.append(f"on {event.device}")
+        suffix = f" ({', '.join(detail)})" if detail else ""
+        return f"Training `{event.model_id}` started{suffix}.\n`{progress_bar(0)}` 0%\n{_ids(event)}"
+    if isinstance(event, TrainProgressV1):
+        return (
+            f"Training `{event.model_id}`: epoch {event.epoch}/{event.total_epochs}, "
+            f"batch {event.batch}/{event.total_batches}\n"
+            f"`{progress_bar(event.pct)}` {event.pct:.0f}% · loss {event.loss:.4f} · "
+            f"{event.samples_per_sec:,.0f} images/s\n{_ids(event)}"
+        )
+    if isinstance(event, TrainCompletedV1):
+        active = (
+            "It is now the active model."
+            if event.activated
+            else "It was not activated; the model in service is unchanged."
+        )
+        return (
+            f"Training `{event.model_id}` finished.\n"
+            f"Validation accuracy {event.val_acc:.2%} · test accuracy {event.test_acc:.2%}\n"
+            f"Version `{event.version}`. {active}\n{_ids(event)}"
+        )
+    reason = event.message.strip().splitlines()[0][:300] if event.message.strip() else "no reason given"
+    who = "the request was refused" if event.error_kind == "user" else "something went wrong on our side"
+    return f"Training `{event.model_id}` failed ({who}): {reason}\n{_ids(event)}"
+
+
+def is_final(event: TrainEvent) -> bool:
+    return isinstance(event, TrainCompletedV1 | TrainFailedV1)
+
+
+class _JobRelay:
+    """Shows one job's events in order, newest first, at a rate Discord tolerates."""
+
+    def __init__(self, owner: ProgressRelay, record: TrainRecord) -> None:
+        self.owner = owner
+        self.record = record
+        self.latest: TrainEvent | None = None
+        self.finished = False
+        self.token_gone = False
+        self.last_edit = 0.0
+        self.wake = asyncio.Event()
+        self.task = asyncio.create_task(self.run(), name=f"discord-relay-{record.request_id}")
+
+    def offer(self, event: TrainEvent) -> None:
+        if self.finished:
+            return
+        if self.latest is not None and is_final(self.latest) and not is_final(event):
+            return  # a final result waiting to be shown is never displaced by older progress
+        self.latest = event
+        self.wake.set()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=IDLE_EXIT_S)
+                except TimeoutError:
+                    return
+                self.wake.clear()
+                event, self.latest = self.latest, None
+                if event is None:
+                    continue
+                if not is_final(event):
+                    pause = self.last_edit + self.owner.interval_s - time.monotonic()
+                    if pause > 0:
+                        await asyncio.sleep(pause)
+                        newer, self.latest = self.latest, None
+                        self.wake.clear()
+                        event = newer or event
+                await self.deliver(event)
+                self.last_edit = time.monotonic()
+                if is_final(event):
+                    self.finished = True
+                    return
+        except Exception:
+            log.exception("relaying training events failed", extra={"request_id": self.record.request_id})
+        finally:
+            self.owner.forget(self.record.request_id, self)
+
+    async def deliver(self, event: TrainEvent) -> None:
+        content = render(event)
+        now = time.time()
+        if not self.token_gone and self.record.token_alive(now):
+            young = now - self.record.created_at < YOUNG_INTERACTION_S
+            result = await self.owner.client.edit_original(
+                self.record.token, {"content": content}, not_found_retries=3 if young else 0
+            )
+            if result is Delivery.OK:
+                return
+            if result is Delivery.GONE:
+                self.token_gone = True
+            else:
+                return  # Discord refused or was unreachable; logged by the client
+        if not is_final(event):
+            return  # progress is only worth showing in place
+        if not self.owner.client.bot_token:
+            log.info(
+                "training result not delivered: the interaction token expired and DISCORD_BOT_TOKEN is not set",
+                extra={"request_id": event.request_id, "job_id": event.job_id},
+            )
+            return
+        dm = await self.owner.client.send_dm(self.record.user_id, {"content": "Your /train request:\n" + content})
+        if dm is not Delivery.OK:
+            log.info("training result DM not delivered (%s)", dm.value,
+                     extra={"request_id": event.request_id, "job_id": event.job_id})
+
+
+class ProgressRelay:
+    def __init__(
+        self,
+        redis_url: str,
+        channel: str,
+        client: DiscordClient,
+        *,
+        interval_s: float = 5.0,
+        replica_id: str | None = None,
+    ) -> None:
+        self.redis_url = redis_url
+        self.channel = channel
+        self.client = client
+        self.interval_s = interval_s
+        self.replica_id = replica_id or uuid.uuid4().hex
+        self.subscribed = asyncio.Event()  # set while subscribed; tests and readiness can wait on it
+        self._redis: aioredis.Redis | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._jobs: dict[str, _JobRelay] = {}
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="discord-relay")
+
+    async def stop(self) -> None:
+        tasks = [job.task for job in self._jobs.values()]
+        if self._task is not None:
+            tasks.append(self._task)
+            self._task = None
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._jobs.clear()
+
+    def forget(self, request_id: str, job: _JobRelay) -> None:
+        if self._jobs.get(request_id) is job:
+            del self._jobs[request_id]
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            client = aioredis.Redis.from_url(
+                self.redis_url, socket_connect_timeout=2.0, health_check_interval=15
+            )
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self._redis = client
+                self.subscribed.set()
+                log.info("relaying training events from %s", self.channel)
+                backoff = 0.5
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        data = message.get("data")
+                        if isinstance(data, bytes):
+                            await self.on_message(data)
+            except (RedisError, OSError) as exc:
+                # rq#1836: nobody resubscribes for us. Events published meanwhile are lost (pub/sub).
+                log.warning("events subscription lost (%s); resubscribing in %.1fs", exc, backoff)
+            finally:
+                self.subscribed.clear()
+                self._redis = None
+                with contextlib.suppress(Exception):
+                    await client.aclose()  # closes the pool's connections, the subscription's included
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def on_message(self, raw: bytes) -> None:
+        try:
+            event = parse_event(raw)
+        except (ValidationError, ValueError):
+            log.debug("ignoring a message that is not a training event")
+            return
+        client = self._redis
+        if client is None:
+            return
+        stored = await client.get(train_record_key(event.request_id))
+        record = TrainRecord.from_json(stored if isinstance(stored, bytes) else None)
+        if record is None:
+            return  # not a job started from Discord
+        claimed = await client.eval(_CLAIM_LUA, 1, relay_owner_key(event.request_id), self.replica_id, OWNER_LEASE_S)
+        if claimed != 1:
+            return  # another replica relays this job
+        job = self._jobs.get(event.request_id)
+        if job is None or job.finished:
+            job = _JobRelay(self, record)
+            self._jobs[event.request_id] = job
+        job.offer(event)

@@ -1,0 +1,34 @@
+"""The Discord side of a running API: the REST client, the interaction handler and the progress relay."""
+
+from __future__ import annotations
+
+from app.deps import Services
+from app.discord.client import DiscordClient
+from app.discord.protocol import InteractionHandler
+from app.discord.relay import ProgressRelay
+
+
+class DiscordRuntime:
+    def __init__(self, services: Services) -> None:
+        settings = services.settings
+        token = settings.discord_bot_token.get_secret_value() if settings.discord_bot_token else None
+        self.client = DiscordClient(settings.discord_api_base, settings.discord_application_id, token)
+        self.handler = InteractionHandler(services, self.client)
+        # Progress only means something where interactions can arrive and jobs can run.
+        self.relay: ProgressRelay | None = None
+        if settings.redis_url is not None and settings.discord_public_key is not None:
+            self.relay = ProgressRelay(
+                settings.redis_url,
+                settings.digits_events_channel,
+                self.client,
+                interval_s=settings.discord_progress_interval_s,
+            )
+
+    async def start(self) -> None:
+        if self.relay is not None:
+            await self.relay.start()
+
+    async def stop(self) -> None:
+        if self.relay is not None:
+            await self.relay.stop()
+        await self.client.aclose()

@@ -1,0 +1,131 @@
+"""Helpers for the Discord tests: a real Ed25519 signer, interaction payloads, the real app served over HTTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+from nacl.signing import SigningKey
+
+from app.redis_embedded import free_port
+from config.settings import Settings
+
+
+class Signer:
+    """Signs requests the way Discord does, with a fresh key pair per test run."""
+
+    def __init__(self) -> None:
+        self.key = SigningKey.generate()
+        self.public_key = self.key.verify_key.encode().hex()
+
+    def sign(self, body: bytes, timestamp: str | None = None) -> dict[str, str]:
+        ts = timestamp if timestamp is not None else str(int(time.time()))
+        signature = self.key.sign(ts.encode() + body).signature.hex()
+        return {"X-Signature-Ed25519": signature, "X-Signature-Timestamp": ts, "Content-Type": "application/json"}
+
+
+_counter = iter(range(10**6))
+
+
+def snowflake() -> str:
+    """A unique, realistic-looking 64-bit id."""
+    return str(1_200_000_000_000_000_000 + int(time.time() * 1000) % 10**9 * 1000 + next(_counter))
+
+
+def command(name: str, *, user_id: str, options: list[dict[str, Any]] | None = None, in_guild: bool = True,
+            interaction_id: str | None = None, token: str | None = None,
+            resolved: dict[str, Any] | None = None) -> dict[str, Any]:
+    user = {"id": user_id, "username": "tester", "global_name": "@everyone"}
+    data: dict[str, Any] = {"id": snowflake(), "name": name, "type": 1}
+    if options is not None:
+        data["options"] = options
+    if resolved is not None:
+        data["resolved"] = resolved
+    interaction: dict[str, Any] = {
+        "id": interaction_id or snowflake(),
+        "application_id": "424242",
+        "type": 2,
+        "token": token or f"tok-{snowflake()}",
+        "version": 1,
+        "data": data,
+        "context": 0 if in_guild else 1,
+    }
+    if in_guild:
+        interaction["guild_id"] = "777"
+        interaction["member"] = {"user": user, "roles": []}
+    else:
+        interaction["user"] = user
+    return interaction
+
+
+def read_command(url: str, *, user_id: str, size: int, filename: str = "digit.png",
+                 content_type: str | None = "image/png", token: str | None = None) -> dict[str, Any]:
+    attachment_id = snowflake()
+    attachment: dict[str, Any] = {"id": attachment_id, "filename": filename, "size": size, "url": url,
+                                  "proxy_url": url}
+    if content_type is not None:
+        attachment["content_type"] = content_type
+    return command("read", user_id=user_id, token=token,
+                   options=[{"name": "image", "type": 11, "value": attachment_id}],
+                   resolved={"attachments": {attachment_id: attachment}})
+
+
+@dataclass
+class ServedApp:
+    url: str
+    app: FastAPI
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def post(self, signer: Signer, payload: dict[str, Any] | bytes, **kwargs: Any) -> httpx.Response:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return httpx.post(self.url + "/discord/interactions", content=body, headers=signer.sign(body), timeout=10,
+                          **kwargs)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+def serve(settings: Settings) -> ServedApp:
+    """The real app (`create_app`) under uvicorn on a loopback port, in a thread of this process."""
+    from app.main import create_app
+
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the app did not start")
+        time.sleep(0.02)
+    return ServedApp(f"http://127.0.0.1:{port}", app, server, thread)
+
+
+def settings_for(signer: Signer | None, api_base: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "discord_public_key": signer.public_key if signer else None,
+        "discord_application_id": "424242",
+        "discord_api_base": api_base,
+        "discord_progress_interval_s": 0.5,
+        "log_level": "WARNING",
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
