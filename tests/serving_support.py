@@ -7,10 +7,13 @@ their answers as well as by the version they name.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
 import json
+import math
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,12 +22,34 @@ import torch
 from PIL import Image, ImageDraw
 
 from app.contracts import N_CLASSES, ManifestV1_1
+from app.main import create_app
 from app.network import ARCH, build_model
 from app.preprocess import PREPROCESS_HASH
 from app.store import WEIGHTS_FILE, ModelStore
+from config.settings import ApiSettings, Settings
 
 API_KEY = "test-admin-key"
 MODEL_ID = "mnist_resnet18_v1"
+
+
+def make_settings(data_dir: Path, *, api_key: str | None = API_KEY, **api: object) -> Settings:
+    """Settings for one test: its own DATA_DIR, the admin key, API__* overrides; no .env file read."""
+    return Settings(
+        _env_file=None,
+        data_dir=data_dir,
+        handwriting_api_key=api_key,
+        api=ApiSettings.model_validate({"model_poll_s": 0, **api}),
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app with its lifespan run (the model server started), spoken to over ASGI."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api", timeout=60) as client:
+            yield client
 
 
 @functools.lru_cache(maxsize=1)
@@ -33,19 +58,25 @@ def _base_state() -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in build_model().state_dict().items()}
 
 
-def model_state(forced_digit: int | None = None) -> dict[str, torch.Tensor]:
+def model_state(forced_digit: int | None = None, confidence: float | None = None) -> dict[str, torch.Tensor]:
+    """Random weights; with `forced_digit` the answer is always that digit, with `confidence` at exactly
+    that probability (the classifier then ignores its input)."""
     state = dict(_base_state())
     if forced_digit is not None:
         bias = torch.zeros(N_CLASSES)
-        bias[forced_digit] = 50.0
+        if confidence is None:
+            bias[forced_digit] = 50.0
+        else:
+            state["fc.weight"] = torch.zeros_like(state["fc.weight"])
+            bias[forced_digit] = math.log(confidence * (N_CLASSES - 1) / (1 - confidence))
         state["fc.bias"] = bias
     return state
 
 
 @functools.lru_cache(maxsize=16)
-def weights_bytes(forced_digit: int | None = None) -> bytes:
+def weights_bytes(forced_digit: int | None = None, confidence: float | None = None) -> bytes:
     buf = io.BytesIO()
-    torch.save(model_state(forced_digit), buf)
+    torch.save(model_state(forced_digit, confidence), buf)
     return buf.getvalue()
 
 
@@ -81,8 +112,8 @@ def upload_files(
     return data, files
 
 
-def upload(
-    client: httpx.Client,
+async def upload(
+    client: httpx.AsyncClient,
     manifest_doc: dict[str, object] | bytes,
     weights: bytes,
     *,
@@ -92,18 +123,24 @@ def upload(
 ) -> httpx.Response:
     data, files = upload_files(manifest_doc, weights, model_id=model_id, activate=activate)
     headers = {"X-Api-Key": key} if key is not None else {}
-    return client.post("/v1/admin/models/upload", data=data, files=files, headers=headers, timeout=60)
+    return await client.post("/v1/admin/models/upload", data=data, files=files, headers=headers)
 
 
 def install_model(
-    data_dir: Path, version: str = "v1", *, model_id: str = MODEL_ID, forced_digit: int | None = None
+    data_dir: Path,
+    version: str = "v1",
+    *,
+    model_id: str = MODEL_ID,
+    forced_digit: int | None = None,
+    confidence: float | None = None,
 ) -> None:
     """Store a model and make it active directly on disk, as a trained model left by `make run` would be."""
     store = ModelStore(data_dir / "models")
     store.prepare()
     incoming = store.new_incoming()
-    (incoming / WEIGHTS_FILE).write_bytes(weights_bytes(forced_digit))
-    sha = hashlib.sha256(weights_bytes(forced_digit)).hexdigest()
+    weights = weights_bytes(forced_digit, confidence)
+    (incoming / WEIGHTS_FILE).write_bytes(weights)
+    sha = hashlib.sha256(weights).hexdigest()
     store.commit(incoming, ManifestV1_1.model_validate_json(json.dumps(manifest(model_id, version))), sha)
     store.set_active(model_id, version)
 
