@@ -65,6 +65,8 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="ignore",
         case_sensitive=False,
+        # `TRAIN__LIMIT=` (as .env.example writes it) means "the default", not "an empty value".
+        env_ignore_empty=True,
     )
 
     redis_url: str | None = None
