@@ -227,15 +227,12 @@ class ModelStore:
     # --- retention -------------------------------------------------------------------------------
 
     def prune(self, model_id: str) -> list[str]:
-        """Keep the newest `keep_versions` versions of `model_id`, and always the active one."""
+        """Keep the newest `keep_versions` versions of `model_id`, and the active one whatever its age."""
         with self._lock:
             active = self.active()
             versions = self.versions(model_id)
-            surplus = len(versions) - self.keep_versions
             removed: list[str] = []
-            for stored in versions:
-                if surplus <= 0:
-                    break
+            for stored in versions[: max(0, len(versions) - self.keep_versions)]:
                 if active is not None and (active.model_id, active.version) == (stored.model_id, stored.version):
                     continue
                 trash = self.root / TRASH_DIR
@@ -244,7 +241,6 @@ class ModelStore:
                 os.rename(stored.path, gone)
                 shutil.rmtree(gone, ignore_errors=True)
                 removed.append(stored.version)
-                surplus -= 1
             if removed:
                 log.info("retention removed %d version(s) of %s: %s", len(removed), model_id, ", ".join(removed))
             return removed

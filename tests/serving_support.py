@@ -133,8 +133,9 @@ def install_model(
     model_id: str = MODEL_ID,
     forced_digit: int | None = None,
     confidence: float | None = None,
+    activate: bool = True,
 ) -> None:
-    """Store a model and make it active directly on disk, as a trained model left by `make run` would be."""
+    """Store a model (and make it active) directly on disk, as a trained model left by `make run` would be."""
     store = ModelStore(data_dir / "models")
     store.prepare()
     incoming = store.new_incoming()
@@ -142,7 +143,8 @@ def install_model(
     (incoming / WEIGHTS_FILE).write_bytes(weights)
     sha = hashlib.sha256(weights).hexdigest()
     store.commit(incoming, ManifestV1_1.model_validate_json(json.dumps(manifest(model_id, version))), sha)
-    store.set_active(model_id, version)
+    if activate:
+        store.set_active(model_id, version)
 
 
 def digit_png(size: int = 96, *, dark_on_light: bool = True) -> bytes:

@@ -84,8 +84,8 @@ def test_retention_keeps_the_newest_n_and_never_the_active_one(store: ModelStore
     store.set_active("m", "v0")
     put(store, "v3", minute=3)
     put(store, "v4", minute=4)
-    assert store.prune("m") == ["v1", "v2"]
-    assert [v.version for v in store.versions("m")] == ["v0", "v3", "v4"]
+    assert store.prune("m") == ["v1"]
+    assert [v.version for v in store.versions("m")] == ["v0", "v2", "v3", "v4"]
     put(store, "other1", model_id="n")  # another model's versions count on their own
     assert store.prune("n") == []
     assert not (store.root / ".trash").exists() or not any((store.root / ".trash").iterdir())
