@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -185,6 +186,7 @@ def process_train_job(payload: object) -> dict[str, object]:
         raise
 
     ids = salvage_ids(job.model_dump(), job_id)
+    save_meta(rq_job, {"pid": os.getpid()})  # the work-horse, for operators (and the SIGKILL test)
     reporter = JobReporter(rq_job.connection if rq_job is not None else None, settings.digits_events_channel,
                            rq_job, ids)
     try:

@@ -218,9 +218,10 @@ def train(
                     pct=round(100.0 * done / total_steps, 2), eta_s=round(per_step * (total_steps - done), 1),
                 ))
 
+        epoch_seconds = time.perf_counter() - epoch_started
         val_acc = evaluate(model, data.val_x, data.val_y, device, dtype)
-        history.append({"epoch": float(epoch), "loss": running, "val_acc": val_acc,
-                        "seconds": time.perf_counter() - epoch_started})
+        history.append({"epoch": float(epoch), "loss": running, "val_acc": val_acc, "seconds": epoch_seconds,
+                        "eval_seconds": time.perf_counter() - epoch_started - epoch_seconds})
         log.info("epoch %d/%d: loss %.4f, val_acc %.4f", epoch, cfg.epochs, running, val_acc)
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch

@@ -1,0 +1,224 @@
+"""The real thing: embedded Redis, `digits worker` as its own process, the API on loopback.
+
+Every run is tiny (TRAIN__LIMIT=16) so each job takes seconds; what is checked is the plumbing:
+events in order with matching ids, job status through its stages, upload + activation, failures.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from rq import Queue, Retry
+from rq.job import Job
+
+from app.contracts import (
+    LEGACY_JOB_FUNC,
+    DigitsTrainJobV1,
+    TrainCompletedV1,
+    TrainFailedV1,
+    TrainProgressV1,
+)
+from app.deps import Services
+from app.queue import enqueue_train, read_job
+from app.redis_embedded import free_port
+from config.settings import Settings
+from tests.serving_support import digit_png
+from tests.support import LiveProcess
+from tests.train_support import API_KEY, TINY_TRAINING, EventListener, start_worker, wait_until
+
+StartApi = Callable[[dict[str, str]], LiveProcess]
+
+
+@pytest.fixture
+def events(redis_url: str) -> Iterator[EventListener]:
+    listener = EventListener(redis_url)
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def workers(tmp_path: Path, redis_url: str) -> Iterator[Callable[[dict[str, str]], LiveProcess]]:
+    started: list[LiveProcess] = []
+
+    def start(env: dict[str, str]) -> LiveProcess:
+        live = start_worker({"REDIS_URL": redis_url, **TINY_TRAINING, **env}, tmp_path, redis_url)
+        started.append(live)
+        return live
+
+    yield start
+    for live in started:
+        # Twice: RQ's first SIGINT waits for the job, the second ends it.
+        live.stop(signal.SIGINT, timeout=3)
+        live.stop(signal.SIGINT, timeout=10)
+
+
+@pytest.fixture
+def services(redis_url: str) -> Iterator[Services]:
+    conn = redis.Redis.from_url(redis_url)
+    yield Services(settings=Settings(_env_file=None, redis_url=redis_url), redis=conn)
+    conn.close()
+
+
+def _scheduled(conn: redis.Redis) -> int:
+    """Jobs waiting for a retry (RQ's ScheduledJobRegistry is a sorted set under this key)."""
+    n = conn.zcard("rq:scheduled:digits")
+    assert isinstance(n, int)
+    return n
+
+
+def _payload(model_id: str = "mnist_resnet18_v1") -> dict[str, object]:
+    return DigitsTrainJobV1(request_id="req-1", user_id=5, batch_size=8, model_id=model_id).model_dump(mode="json")
+
+
+def test_train_upload_activate_read(
+    start_api_process: StartApi, workers: Callable[[dict[str, str]], LiveProcess], events: EventListener,
+    redis_url: str, data_dir: Path,
+) -> None:
+    api = start_api_process({"REDIS_URL": redis_url, "DATA_DIR": str(data_dir), "HANDWRITING_API_KEY": API_KEY})
+    client = httpx.Client(base_url=api.url, timeout=30)
+    r = client.post("/v1/train", headers={"X-Api-Key": API_KEY, "X-Request-ID": "req-e2e"},
+                    json={"batch_size": 8, "seed": 3, "user_id": 77, "model_id": "digits_e2e"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+
+    # No worker yet: the job waits in the queue.
+    seen = [client.get(f"/v1/jobs/{job_id}").json()]
+    assert seen[0]["status"] == "queued"
+
+    workers({"DATA_DIR": str(data_dir / "worker"), "HANDWRITING_API_URL": api.url, "HANDWRITING_API_KEY": API_KEY})
+
+    def finished() -> bool:
+        seen.append(client.get(f"/v1/jobs/{job_id}").json())
+        return seen[-1]["status"] in ("finished", "failed")
+
+    wait_until(finished, what="the job to end")
+    final = seen[-1]
+    assert final["status"] == "finished", final
+    statuses = [s["status"] for s in seen]
+    assert statuses.index("queued") < statuses.index("started") < statuses.index("finished")
+    training = [s for s in seen if s["status"] == "started" and s["progress"]]
+    assert training and training[-1]["progress"]["total_batches"] == 2
+    result = final["result"]
+    assert result["activated"] is True and result["uploaded"] is True and result["model_id"] == "digits_e2e"
+    assert final["progress"]["pct"] == 100.0 and final["stage"] == "completed"
+
+    completed = events.wait_for(job_id, "digits.train.completed.v1")
+    assert isinstance(completed, TrainCompletedV1)
+    mine = events.for_job(job_id)
+    types = [e.type for e in mine]
+    assert types[0] == "digits.train.started.v1" and types[-1] == "digits.train.completed.v1"
+    assert set(types[1:-1]) == {"digits.train.progress.v1"} and len(types) == 4  # 2 batches, 2 progress
+    assert {(e.request_id, e.user_id, e.model_id) for e in mine} == {("req-e2e", 77, "digits_e2e")}
+    progress = [e for e in mine if isinstance(e, TrainProgressV1)]
+    assert [p.pct for p in progress] == [50.0, 100.0]
+    assert [e.ts for e in mine] == sorted(e.ts for e in mine)
+    assert completed.version == result["version"] and completed.activated
+    assert completed.val_acc == result["val_acc"] and completed.test_acc == result["test_acc"]
+
+    active = client.get("/v1/models/active").json()
+    assert active["model_loaded"] is True and active["version"] == result["version"]
+    assert active["model_id"] == "digits_e2e" and active["train_samples"] == 16
+    read = client.post("/v1/read", files={"file": ("d.png", digit_png(), "image/png")})
+    assert read.status_code == 200, read.text
+    assert read.json()["version"] == result["version"] and read.json()["model_id"] == "digits_e2e"
+    assert Path(result["artifacts_dir"], "model.pt").is_file()
+    client.close()
+
+
+def test_legacy_target_runs_and_rq_sees_the_worker(
+    workers: Callable[[dict[str, str]], LiveProcess], events: EventListener, services: Services, redis_url: str,
+    data_dir: Path,
+) -> None:
+    workers({"DATA_DIR": str(data_dir)})
+    conn = services.redis
+    assert conn is not None
+    info = subprocess.run([str(Path(sys.executable).parent / "rq"), "info", "--url", redis_url],
+                          capture_output=True, text=True, timeout=60)
+    assert "1 workers" in info.stdout or "1 worker" in info.stdout, info.stdout + info.stderr
+
+    # Exactly as the existing bot enqueues it: its own function string, its own RQ options.
+    job = Queue("digits", connection=conn).enqueue(LEGACY_JOB_FUNC, _payload(model_id="legacy_m"),
+                                                    job_timeout=600, retry=Retry(max=2, interval=[60, 300]))
+    completed = events.wait_for(job.id, "digits.train.completed.v1")
+    assert isinstance(completed, TrainCompletedV1)
+    assert (completed.request_id, completed.user_id, completed.model_id) == ("req-1", 5, "legacy_m")
+    assert completed.activated is False  # no HANDWRITING_API_KEY for this worker: nothing uploaded
+    view = read_job(services, job.id)
+    assert view is not None and view.status == "finished"
+    assert view.result is not None and "HANDWRITING_API_KEY" in str(view.result["upload_note"])
+    assert events.for_job(job.id)[0].type == "digits.train.started.v1"
+
+
+def test_invalid_payload_fails_at_once_as_a_user_error_without_retry(
+    workers: Callable[[dict[str, str]], LiveProcess], events: EventListener, services: Services, data_dir: Path,
+) -> None:
+    workers({"DATA_DIR": str(data_dir)})
+    conn = services.redis
+    assert conn is not None
+    bad = {**_payload(), "epochs": 0, "augment": "yes"}
+    job = Queue("digits", connection=conn).enqueue(LEGACY_JOB_FUNC, bad, retry=Retry(max=2, interval=[1, 1]))
+    failed = events.wait_for(job.id, "digits.train.failed.v1", timeout=60)
+    assert isinstance(failed, TrainFailedV1)
+    assert failed.error_kind == "user" and "epochs" in failed.message and "augment" in failed.message
+    assert (failed.request_id, failed.user_id) == ("req-1", 5)
+    assert [e.type for e in events.for_job(job.id)] == ["digits.train.failed.v1"]  # no training started
+    view = read_job(services, job.id)
+    assert view is not None and view.status == "failed"
+    assert view.error == {"kind": "user", "message": failed.message}
+    assert Job.fetch(job.id, connection=conn).get_status().value == "failed"
+    assert _scheduled(conn) == 0
+    assert conn.llen("rq:queue:digits") == 0
+
+
+def test_upload_target_down_retries_then_fails_keeping_the_artifacts(
+    workers: Callable[[dict[str, str]], LiveProcess], events: EventListener, services: Services, data_dir: Path,
+) -> None:
+    worker = workers({"DATA_DIR": str(data_dir), "HANDWRITING_API_URL": f"http://127.0.0.1:{free_port()}",
+                      "HANDWRITING_API_KEY": API_KEY, "TRAIN__UPLOAD_ATTEMPTS": "3",
+                      "TRAIN__UPLOAD_BACKOFF_S": "0.05"})
+    job_id = enqueue_train(services, DigitsTrainJobV1(request_id="req-up", user_id=1, batch_size=8))
+    failed = events.wait_for(job_id, "digits.train.failed.v1")
+    assert isinstance(failed, TrainFailedV1)
+    assert failed.error_kind == "system" and "after 3 attempts" in failed.message
+    kept = Path(failed.message.rsplit("kept at ", 1)[1])
+    assert kept.is_relative_to(data_dir / "artifacts") and (kept / "model.pt").is_file()
+    assert (kept / "manifest.json").is_file()
+    log = worker.log()
+    assert "upload attempt 1/3" in log and "upload attempt 2/3" in log
+    view = read_job(services, job_id)
+    assert view is not None and view.status == "failed" and view.error is not None
+    assert view.error["message"] == failed.message
+    conn = services.redis
+    assert conn is not None
+    assert _scheduled(conn) == 0, "a failed upload is not re-trained"
+
+
+def test_work_horse_killed_mid_training_ends_failed_with_an_event(
+    workers: Callable[[dict[str, str]], LiveProcess], events: EventListener, services: Services, data_dir: Path,
+) -> None:
+    worker = workers({"DATA_DIR": str(data_dir), "TRAIN__LIMIT": "400"})
+    job_id = enqueue_train(services, DigitsTrainJobV1(request_id="req-kill", user_id=9, batch_size=4))
+    events.wait_for(job_id, "digits.train.progress.v1")
+    conn = services.redis
+    assert conn is not None
+    pid = Job.fetch(job_id, connection=conn).get_meta()["pid"]
+    assert isinstance(pid, int) and pid != worker.proc.pid
+    os.kill(pid, signal.SIGKILL)
+
+    failed = events.wait_for(job_id, "digits.train.failed.v1", timeout=60)
+    assert isinstance(failed, TrainFailedV1)
+    assert failed.error_kind == "system" and "SIGKILL" in failed.message
+    assert (failed.request_id, failed.user_id) == ("req-kill", 9)
+    view = read_job(services, job_id)
+    assert view is not None and view.status == "failed" and view.stage == "failed"
+    assert view.progress is not None and view.progress["epoch"] == 1  # what it got to is kept
+    assert _scheduled(conn) == 0
+    assert worker.proc.poll() is None, "the worker itself lives on"

@@ -1,0 +1,173 @@
+"""The training run on a few real MNIST images: same seed -> same weights, artifacts, upload retries."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+
+from app.contracts import DigitsTrainJobV1, ManifestV1_1
+from app.network import build_model
+from app.preprocess import PREPROCESS_HASH
+from app.redis_embedded import free_port
+from worker.artifacts import write_artifacts
+from worker.augment import Modifiers
+from worker.data import MnistSplits, load_mnist
+from worker.train import Progress, TrainConfig, TrainOutcome, train
+from worker.upload import UploadError, upload_artifacts
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> MnistSplits:
+    return load_mnist(tmp_path_factory.mktemp("cache"), val_size=8, limit=24)
+
+
+CFG = TrainConfig(epochs=2, batch_size=8, lr=0.002, seed=7, augment=True, threads=2, progress_every=2,
+                  modifiers=Modifiers(noise_prob=0.02, dots_prob=0.3, blur_prob=0.3, morph_prob=0.3))
+
+
+PROGRESS: list[Progress] = []
+
+
+@pytest.fixture(scope="module")
+def outcome(tiny: MnistSplits) -> TrainOutcome:
+    PROGRESS.clear()
+    return train(CFG, tiny, on_progress=PROGRESS.append)
+
+
+def test_same_seed_gives_the_same_weights_and_another_seed_does_not(tiny: MnistSplits, outcome: TrainOutcome) -> None:
+    again = train(CFG, tiny)
+    assert outcome.state_dict.keys() == again.state_dict.keys()
+    for key, value in outcome.state_dict.items():
+        assert torch.equal(value, again.state_dict[key]), key
+    other = train(TrainConfig(**{**CFG.__dict__, "seed": 8, "epochs": 1}), tiny)
+    assert not torch.equal(other.state_dict["fc.weight"], outcome.state_dict["fc.weight"])
+
+
+def test_progress_reports_every_n_batches_and_at_each_epoch_end(outcome: TrainOutcome) -> None:
+    # 24 images in batches of 8: 3 batches an epoch, reported every 2 and at the end of each epoch.
+    assert [(p.epoch, p.batch) for p in PROGRESS] == [(1, 2), (1, 3), (2, 2), (2, 3)]
+    assert [round(p.pct, 1) for p in PROGRESS] == [33.3, 50.0, 83.3, 100.0]
+    assert PROGRESS[-1].eta_s == 0.0
+    assert all(p.total_batches == 3 and p.total_epochs == 2 and p.samples_per_sec > 0 for p in PROGRESS)
+
+
+def test_outcome_describes_the_best_epoch(outcome: TrainOutcome) -> None:
+    assert len(outcome.history) == 2
+    assert outcome.val_acc == max(h["val_acc"] for h in outcome.history)
+    assert 0.0 <= outcome.test_acc <= 1.0
+    assert outcome.device.startswith("cpu (2 threads")
+    assert outcome.train_samples == 24
+
+
+def test_augmentation_with_every_modifier_on_costs_under_a_tenth_of_epoch_time(outcome: TrainOutcome) -> None:
+    # Measured inside the real loop; batches of 8 make the fixed cost of the batched ops weigh more
+    # than at the default 256, so this is the harder case.
+    epoch_seconds = sum(h["seconds"] for h in outcome.history)
+    assert outcome.augment_seconds < 0.1 * epoch_seconds
+
+
+def test_artifacts_load_safely_and_the_manifest_is_v1_1(tmp_path: Path, outcome: TrainOutcome) -> None:
+    job = DigitsTrainJobV1(request_id="r-1", user_id=3, model_id="tiny_model", epochs=2, batch_size=16)
+    art = write_artifacts(tmp_path, job, outcome, {"limit": 24})
+    assert art.directory == tmp_path / "tiny_model" / art.version
+    state = torch.load(art.weights_path, weights_only=True)
+    build_model().load_state_dict(state)
+    raw = json.loads(art.manifest_path.read_text())
+    manifest = ManifestV1_1.model_validate_json(art.manifest_path.read_text())
+    assert manifest.schema_version == "v1.1" and manifest.preprocess_hash == PREPROCESS_HASH
+    assert manifest.weights_sha256 == hashlib.sha256(art.weights_path.read_bytes()).hexdigest()
+    assert manifest.val_acc == round(outcome.val_acc, 6) and manifest.test_acc == round(outcome.test_acc, 6)
+    assert (manifest.epochs, manifest.batch_size, manifest.seed, manifest.augment) == (2, 16, 42, True)
+    assert raw["settings"] == {"limit": 24} and raw["train_seconds"] >= 0 and raw["device"] == outcome.device
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    statuses: ClassVar[list[int]] = []
+    seen: ClassVar[list[dict[str, str]]] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        body = self.rfile.read(length)
+        type(self).seen.append({"path": self.path, "key": self.headers.get("X-Api-Key", ""),
+                                "body": body.decode("latin1")})
+        status = type(self).statuses.pop(0) if type(self).statuses else 200
+        payload = json.dumps({"code": "x", "message": f"status {status}", "activated": True}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_api() -> Iterator[str]:
+    _Recorder.statuses, _Recorder.seen = [], []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path, outcome: TrainOutcome) -> object:
+    return write_artifacts(tmp_path, DigitsTrainJobV1(request_id="r", user_id=0), outcome, {})
+
+
+def test_upload_retries_5xx_with_backoff_then_succeeds(fake_api: str, artifacts: object) -> None:
+    from worker.artifacts import Artifacts
+
+    assert isinstance(artifacts, Artifacts)
+    _Recorder.statuses = [503, 502]
+    sleeps: list[float] = []
+    result = upload_artifacts(artifacts, fake_api + "/", "k3y", attempts=4, backoff_s=0.5, sleep=sleeps.append)
+    assert result.activated and result.status == 200
+    assert sleeps == [0.5, 1.0]
+    assert len(_Recorder.seen) == 3
+    last = _Recorder.seen[-1]
+    assert last["path"] == "/v1/admin/models/upload" and last["key"] == "k3y"
+    for part in ('name="model_id"', "mnist_resnet18_v1", 'name="activate"', "true", 'name="manifest"',
+                 'name="model"'):
+        assert part in last["body"]
+
+
+def test_upload_does_not_retry_a_4xx(fake_api: str, artifacts: object) -> None:
+    from worker.artifacts import Artifacts
+
+    assert isinstance(artifacts, Artifacts)
+    _Recorder.statuses = [400]
+    with pytest.raises(UploadError, match=r"refused.*status 400"):
+        upload_artifacts(artifacts, fake_api, "k", attempts=5, backoff_s=0, sleep=lambda s: None)
+    assert len(_Recorder.seen) == 1
+
+
+def test_upload_to_nothing_retries_then_gives_up(artifacts: object) -> None:
+    from worker.artifacts import Artifacts
+
+    assert isinstance(artifacts, Artifacts)
+    sleeps: list[float] = []
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(UploadError, match=r"after 3 attempts.*Connect"):
+        upload_artifacts(artifacts, url, "k", attempts=3, backoff_s=1, sleep=sleeps.append)
+    assert sleeps == [1, 2]
+
+
+def test_weights_round_trip_through_bytes(outcome: TrainOutcome) -> None:
+    buf = io.BytesIO()
+    torch.save(outcome.state_dict, buf)
+    buf.seek(0)
+    assert set(torch.load(buf, weights_only=True)) == set(outcome.state_dict)
