@@ -106,6 +106,13 @@ async def test_confidence_under_the_threshold_is_uncertain(data_dir: Path) -> No
     assert abs(body["confidence"] - 0.9) < 1e-4 and body["uncertain"] is False
 
 
+async def test_test_time_augmentation_when_enabled_still_answers_one_distribution(data_dir: Path) -> None:
+    install_model(data_dir, "tta", forced_digit=3, confidence=0.8)
+    async with running_app(make_settings(data_dir, tta=True)) as client:
+        body = (await read(client, PNG)).json()
+    assert body["digit"] == 3 and abs(body["confidence"] - 0.8) < 1e-4 and abs(sum(body["probs"]) - 1) < 1e-4
+
+
 async def test_request_id_is_echoed(client: httpx.AsyncClient) -> None:
     response = await client.post("/v1/read", files={"file": ("d.png", PNG, "image/png")},
                                  headers={"X-Request-ID": "trace-abc-123"})
