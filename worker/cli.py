@@ -25,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _dev(args: argparse.Namespace) -> int:
     """Embedded Redis (unless REDIS_URL is set) + the API + a worker; a first model is trained when none
     is active. Ctrl-C stops everything."""
-    from worker.commands import dev_environment, start_worker, train_first_model_if_none
+    from worker.commands import dev_environment, follow_job, start_worker, train_first_model_if_none
 
     settings = get_settings()
     embedded = None if settings.redis_url else EmbeddedRedis().start()
@@ -47,6 +47,7 @@ def _dev(args: argparse.Namespace) -> int:
         print(f"digits dev: training worker on queue {settings.rq.queue!r}", flush=True)
         first_job = train_first_model_if_none(api_url, env)
         if first_job is not None:
+            follow_job(env["REDIS_URL"], settings.digits_events_channel, first_job)
             print(f"digits dev: no model is active; training the first one (job {first_job}, "
                   f"progress at {api_url}/v1/jobs/{first_job})", flush=True)
         while all(p.poll() is None for p in procs):

@@ -6,6 +6,7 @@ import argparse
 import secrets
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -163,3 +164,48 @@ def train_first_model_if_none(api_url: str, env: dict[str, str], timeout_s: floa
     finally:
         if services.redis is not None:
             services.redis.close()
+
+
+def follow_job(redis_url: str, channel: str, job_id: str) -> threading.Thread:
+    """Print a job's events as they come (a daemon thread): `digits dev` shows the first model's progress."""
+    import redis
+
+    from app.contracts import TrainCompletedV1, TrainFailedV1, TrainProgressV1, TrainStartedV1, parse_event
+
+    def run() -> None:
+        client = redis.Redis.from_url(redis_url)
+        pubsub = redis.client.PubSub(client.connection_pool, ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(channel)
+            while True:
+                message = pubsub.get_message(timeout=1.0)
+                if message is None or message["type"] != "message":
+                    continue
+                try:
+                    event = parse_event(message["data"])
+                except ValueError:
+                    continue
+                if event.job_id != job_id:
+                    continue
+                if isinstance(event, TrainStartedV1):
+                    print(f"digits dev: first model: training on {event.device}", flush=True)
+                elif isinstance(event, TrainProgressV1):
+                    print(f"digits dev: first model: epoch {event.epoch}/{event.total_epochs} batch "
+                          f"{event.batch}/{event.total_batches} ({event.pct:.1f}%), loss {event.loss:.4f}, "
+                          f"{event.samples_per_sec:.0f} img/s", flush=True)
+                elif isinstance(event, TrainCompletedV1):
+                    print(f"digits dev: first model ready: version {event.version}, val_acc {event.val_acc:.4f}, "
+                          f"test_acc {event.test_acc:.4f}, active={event.activated}", flush=True)
+                    return
+                elif isinstance(event, TrainFailedV1):
+                    print(f"digits dev: first model failed: {event.message}", flush=True)
+                    return
+        except redis.RedisError:
+            return
+        finally:
+            pubsub.close()
+            client.close()
+
+    thread = threading.Thread(target=run, name="digits-dev-follow", daemon=True)
+    thread.start()
+    return thread
