@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint typecheck pytest bench clean
+.PHONY: run test install lint typecheck pytest bench bench-read bench-interactions bench-train clean
 
 run: $(STAMP)
 	$(BIN)/digits dev
@@ -34,8 +34,18 @@ typecheck:
 pytest:
 	$(BIN)/pytest -q
 
+# Benchmarks (not tests): each prints its figures; bench-read and bench-interactions start their own server.
 bench: $(STAMP)
 	$(BIN)/python -m bench.preprocess
+
+bench-read: $(STAMP)
+	$(BIN)/python -m bench.read --spawn
+
+bench-interactions: $(STAMP)
+	$(BIN)/python -m bench.interactions
+
+bench-train: $(STAMP)
+	$(BIN)/python -m bench.train
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

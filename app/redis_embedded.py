@@ -61,7 +61,9 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--loglevel", "warning",
         ]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own session: a Ctrl-C in the terminal reaches the API and the worker, which still need Redis
+        # while they shut down; whoever started this server stops it last.
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + self._startup_timeout_s
         try:

@@ -10,12 +10,9 @@ after RQ has recorded the outcome.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import signal
-import sys
-from pathlib import Path
 from typing import Literal
 
 import redis
@@ -31,7 +28,6 @@ from worker.events import JobReporter, salvage_ids, save_meta
 log = logging.getLogger(__name__)
 
 TRAIN_FUNCS = frozenset({TRAIN_JOB_FUNC, LEGACY_JOB_FUNC})
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _is_training_job(job: Job) -> bool:
@@ -109,17 +105,10 @@ class TrainWorker(Worker):
                 log.warning("job %s finished without a usable result: %s", job.id, exc, extra={"job_id": job.id})
 
 
-def ensure_legacy_importable() -> None:
-    """The legacy target `handwriting_ai.jobs.digits` lives at the project root; make sure RQ can import it."""
-    if importlib.util.find_spec("handwriting_ai") is None and (PROJECT_ROOT / "handwriting_ai").is_dir():
-        sys.path.insert(0, str(PROJECT_ROOT))
-
-
 def run_worker(settings: Settings, *, burst: bool = False, name: str | None = None) -> bool:
     """Work the training queue (with the scheduler, so retry intervals happen) until stopped."""
     if settings.redis_url is None:
         raise SystemExit("digits worker: REDIS_URL is not set; the worker needs Redis")
-    ensure_legacy_importable()
     connection = redis.Redis.from_url(settings.redis_url)  # bytes replies, as RQ expects
     queue = Queue(settings.rq.queue, connection=connection)
     worker = TrainWorker([queue], connection=connection, name=name)
