@@ -42,6 +42,11 @@ META_ERROR: Final = "error"  # {"kind": "user" | "system", "message": str}
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
+
+def latest_job_key(queue: str) -> str:
+    """Redis key holding the id of the last job enqueued on `queue` (what a 503 reports on)."""
+    return f"digits:{queue}:latest_job"
+
 JobState = Literal["queued", "started", "finished", "failed"]
 _STATE_BY_RQ: Final[dict[str, JobState]] = {
     JobStatus.QUEUED.value: "queued",
@@ -90,6 +95,7 @@ def enqueue_train(services: Services, job: DigitsTrainJobV1) -> str:
                 META_STAGE: "queued",
             },
         )
+        connection.set(latest_job_key(queue.name), rq_job.id, ex=JOB_RESULT_TTL_S)
     except redis.RedisError as exc:
         raise TrainingUnavailableError(
             "Training is unavailable right now: the job queue (Redis) cannot be reached. Try again later."
@@ -160,3 +166,30 @@ def read_job(services: Services, job_id: str) -> JobView | None:
         started_at=job.started_at,
         ended_at=job.ended_at,
     )
+
+
+def training_in_progress(services: Services) -> JobView | None:
+    """The last enqueued job while it is queued or running; None otherwise, or when Redis can't tell."""
+    if services.redis is None:
+        return None
+    try:
+        raw = services.redis.get(latest_job_key(services.settings.rq.queue))
+        if not isinstance(raw, bytes):
+            return None
+        view = read_job(services, raw.decode("ascii", errors="replace"))
+    except (redis.RedisError, TrainingUnavailableError):
+        return None
+    return view if view is not None and view.status in ("queued", "started") else None
+
+
+def describe_training(view: JobView) -> str:
+    """One line on a running job, for people waiting on it: stage, epoch, batch and percentage."""
+    progress = view.progress or {}
+    pct, epoch, total = progress.get("pct"), progress.get("epoch"), progress.get("total_epochs")
+    if view.status == "queued":
+        where = "waiting for a worker"
+    elif isinstance(pct, int | float) and isinstance(epoch, int) and isinstance(total, int):
+        where = f"{pct:.0f}% done, epoch {epoch}/{total}"
+    else:
+        where = view.stage or "starting"
+    return f"a model is training now (job {view.job_id}: {where}; GET /v1/jobs/{view.job_id} follows it)"

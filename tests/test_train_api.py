@@ -57,6 +57,13 @@ def test_train_enqueues_with_the_contract_options_and_validated_overrides(
         conn.close()
         assert defaults == DigitsTrainJobV1(request_id=r.json()["request_id"], user_id=0)
 
+        # No model yet and a training job waiting: a reader is told so, with the job to follow.
+        latest = r.json()["job_id"]
+        for answer in (client.post("/v1/read", files={"file": ("d.png", digit_png(), "image/png")}),
+                       client.get("/readyz")):
+            assert answer.status_code == 503 and answer.json()["code"] == "service_not_ready"
+            assert f"a model is training now (job {latest}: waiting for a worker" in answer.json()["message"]
+
 
 def test_train_refuses_bad_keys_and_bad_overrides(start_api_process: StartApi, redis_url: str, data_dir: Path) -> None:
     api = start_api_process({"REDIS_URL": redis_url, "DATA_DIR": str(data_dir), "HANDWRITING_API_KEY": API_KEY})

@@ -7,10 +7,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from app.contracts import MANIFEST_SCHEMA_VERSION
 from app.deps import ServicesDep
-from app.errors import ApiError
 from app.network import ARCH
 from app.preprocess import PREPROCESS_HASH
-from app.serving import ModelNotReadyError
+from app.routes.read import not_ready
 
 router = APIRouter(tags=["health"])
 
@@ -25,7 +24,7 @@ async def readyz(services: ServicesDep) -> dict[str, str]:
     """200 once a model is loaded and reads can be answered; 503 `service_not_ready` until then."""
     manifest = services.models.active_manifest()
     if manifest is None or not services.models.is_ready():
-        raise ApiError(503, "service_not_ready", ModelNotReadyError().message)
+        raise await not_ready(services)
     return {"status": "ready", "model_id": manifest.model_id, "version": manifest.version}
 
 

@@ -7,6 +7,7 @@ run off the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import time
@@ -17,11 +18,12 @@ from fastapi import APIRouter, Query, Request
 from PIL import Image
 from pydantic import BaseModel
 
-from app.deps import ServicesDep
+from app.deps import Services, ServicesDep
 from app.errors import ApiError
 from app.multipart import BodyTooLargeError, FileSpec, MalformedMultipartError, read_multipart
 from app.observability import READ_LATENCY
 from app.preprocess import U8, PreprocessError
+from app.queue import describe_training, training_in_progress
 from app.serving import ModelNotReadyError, PredictionTimeoutError
 
 router = APIRouter(tags=["read"])
@@ -85,6 +87,14 @@ def check_content_length(request: Request, cap: int) -> None:
         raise ApiError(413, "too_large", f"request body of {declared} bytes is over the limit of {cap} bytes")
 
 
+async def not_ready(services: Services) -> ApiError:
+    """503 `service_not_ready`, saying how far a training in progress is, or how to get a model."""
+    job = await asyncio.to_thread(training_in_progress, services)
+    if job is None:
+        return ApiError(503, "service_not_ready", ModelNotReadyError().message)
+    return ApiError(503, "service_not_ready", f"no model is loaded yet: {describe_training(job)}")
+
+
 @router.post("/v1/read", response_model=ReadResponse, response_model_exclude_none=True, openapi_extra=_OPENAPI_BODY)
 async def read_digit(
     request: Request,
@@ -96,7 +106,7 @@ async def read_digit(
     settings = services.settings.api
     invert_flag = parse_invert(invert)
     if not services.models.is_ready():
-        raise ApiError(503, "service_not_ready", ModelNotReadyError().message)
+        raise await not_ready(services)
     cap = settings.read_max_bytes
     check_content_length(request, cap + _MULTIPART_OVERHEAD)
     try:
@@ -121,8 +131,8 @@ async def read_digit(
     except PreprocessError as exc:
         status = 415 if exc.code == "unsupported_media_type" else 400
         raise ApiError(status, exc.code, exc.message) from exc
-    except ModelNotReadyError as exc:
-        raise ApiError(503, "service_not_ready", exc.message) from exc
+    except ModelNotReadyError:
+        raise await not_ready(services) from None
     except PredictionTimeoutError as exc:
         raise ApiError(504, "timeout", exc.message) from exc
 
