@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test install lint typecheck pytest bench bench-read bench-interactions bench-train clean
 
+# DEV_ARGS reaches `digits dev`, e.g. make run DEV_ARGS="--port 8080 --first-model-limit 5000".
 run: $(STAMP)
-	$(BIN)/digits dev
+	$(BIN)/digits dev $(DEV_ARGS)
 
 test: $(STAMP) lint typecheck pytest
 

@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-import httpx
-
 from app.contracts import DigitsTrainJobV1
 from app.observability import configure_logging
-from config.settings import get_settings
+from config.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from worker.train import Progress
+
+# The first model `digits dev` trains: this many images, small batches (about 3 minutes on 2 cores).
+FIRST_MODEL_LIMIT = 2000
+FIRST_MODEL_BATCH = 64
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -137,28 +139,23 @@ def start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env)
 
 
-def train_first_model_if_none(api_url: str, env: dict[str, str], timeout_s: float = 60.0) -> str | None:
-    """Once the API answers: when it serves no model, queue the default training job. Returns the job id."""
+def active_model_exists(settings: Settings) -> bool:
+    """Whether DATA_DIR already holds an active model (the API will serve it at start)."""
+    from app.store import ModelStore
+
+    return ModelStore(settings.models_dir, settings.api.keep_versions).active() is not None
+
+
+def enqueue_first_model(redis_url: str) -> str:
+    """Queue the first model's training. Small batches: a bootstrap run on a few thousand images still gets
+    enough optimiser steps to read digits."""
     from app.deps import Services, make_redis
     from app.queue import enqueue_train
 
-    deadline = time.monotonic() + timeout_s
-    active: dict[str, object] | None = None
-    while time.monotonic() < deadline:
-        try:
-            response = httpx.get(api_url + "/v1/models/active", timeout=2.0)
-            if response.status_code == 200:
-                body = response.json()
-                active = body if isinstance(body, dict) else {}
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    if active is None or active.get("model_loaded") is True:
-        return None
-    settings = get_settings().model_copy(update={"redis_url": env.get("REDIS_URL")})
-    services = Services(settings=settings, redis=make_redis(settings.redis_url))
-    job = DigitsTrainJobV1(request_id=f"dev-{uuid.uuid4().hex[:12]}", user_id=0, notes="first model, digits dev")
+    settings = get_settings().model_copy(update={"redis_url": redis_url})
+    services = Services(settings=settings, redis=make_redis(redis_url))
+    job = DigitsTrainJobV1(request_id=f"dev-{uuid.uuid4().hex[:12]}", user_id=0, batch_size=FIRST_MODEL_BATCH,
+                           notes="first model, digits dev")
     try:
         return enqueue_train(services, job)
     finally:
@@ -166,18 +163,33 @@ def train_first_model_if_none(api_url: str, env: dict[str, str], timeout_s: floa
             services.redis.close()
 
 
-def follow_job(redis_url: str, channel: str, job_id: str) -> threading.Thread:
-    """Print a job's events as they come (a daemon thread): `digits dev` shows the first model's progress."""
-    import redis
+@dataclass
+class FirstModelWatch:
+    """Follows one job's events on the channel (a daemon thread) and draws them as a progress bar."""
 
-    from app.contracts import TrainCompletedV1, TrainFailedV1, TrainProgressV1, TrainStartedV1, parse_event
+    redis_url: str
+    channel: str
+    job_id: str
+    bar: ProgressBar = field(default_factory=ProgressBar)
+    done: threading.Event = field(default_factory=threading.Event)
+    succeeded: bool = False
 
-    def run() -> None:
-        client = redis.Redis.from_url(redis_url)
+    def start(self) -> FirstModelWatch:
+        threading.Thread(target=self._run, name="digits-dev-follow", daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        import redis
+
+        from app.contracts import TrainCompletedV1, TrainFailedV1, TrainProgressV1, TrainStartedV1, parse_event
+        from worker.train import Progress
+
+        started = time.monotonic()
+        client = redis.Redis.from_url(self.redis_url)
         pubsub = redis.client.PubSub(client.connection_pool, ignore_subscribe_messages=True)
         try:
-            pubsub.subscribe(channel)
-            while True:
+            pubsub.subscribe(self.channel)
+            while not self.done.is_set():
                 message = pubsub.get_message(timeout=1.0)
                 if message is None or message["type"] != "message":
                     continue
@@ -185,27 +197,30 @@ def follow_job(redis_url: str, channel: str, job_id: str) -> threading.Thread:
                     event = parse_event(message["data"])
                 except ValueError:
                     continue
-                if event.job_id != job_id:
+                if event.job_id != self.job_id:
                     continue
                 if isinstance(event, TrainStartedV1):
-                    print(f"digits dev: first model: training on {event.device}", flush=True)
+                    started = time.monotonic()
+                    self.bar.started(event.total_epochs or 1, event.device or "?")
                 elif isinstance(event, TrainProgressV1):
-                    print(f"digits dev: first model: epoch {event.epoch}/{event.total_epochs} batch "
-                          f"{event.batch}/{event.total_batches} ({event.pct:.1f}%), loss {event.loss:.4f}, "
-                          f"{event.samples_per_sec:.0f} img/s", flush=True)
+                    elapsed = time.monotonic() - started
+                    eta = elapsed * (100.0 - event.pct) / event.pct if event.pct > 0 else 0.0
+                    self.bar.progress(Progress(
+                        epoch=event.epoch, total_epochs=event.total_epochs, batch=event.batch,
+                        total_batches=event.total_batches, loss=event.loss,
+                        samples_per_sec=event.samples_per_sec, pct=event.pct, eta_s=eta,
+                    ))
                 elif isinstance(event, TrainCompletedV1):
-                    print(f"digits dev: first model ready: version {event.version}, val_acc {event.val_acc:.4f}, "
-                          f"test_acc {event.test_acc:.4f}, active={event.activated}", flush=True)
-                    return
+                    state = "active now" if event.activated else "stored but not active"
+                    print(f"\ndigits dev: first model ready ({state}): version {event.version}, "
+                          f"val_acc {event.val_acc:.4f}, test_acc {event.test_acc:.4f}", flush=True)
+                    self.succeeded = event.activated
+                    self.done.set()
                 elif isinstance(event, TrainFailedV1):
-                    print(f"digits dev: first model failed: {event.message}", flush=True)
-                    return
+                    print(f"\ndigits dev: first model failed: {event.message}", flush=True)
+                    self.done.set()
         except redis.RedisError:
-            return
+            self.done.set()
         finally:
             pubsub.close()
             client.close()
-
-    thread = threading.Thread(target=run, name="digits-dev-follow", daemon=True)
-    thread.start()
-    return thread
