@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint typecheck pytest bench bench-read bench-interactions bench-train clean
+.PHONY: run test test-newcomer install lint typecheck pytest bench bench-read bench-interactions bench-train clean
 
 # DEV_ARGS reaches `digits dev`, e.g. make run DEV_ARGS="--port 8080 --first-model-limit 5000".
 run: $(STAMP)
@@ -34,6 +34,10 @@ typecheck:
 
 pytest:
 	$(BIN)/pytest -q
+
+# A fresh clone, `make run`, a first model, a correct read, Ctrl-C: about 10 minutes, so CI runs it apart.
+test-newcomer: $(STAMP)
+	$(BIN)/pytest -q -m newcomer tests/test_newcomer.py
 
 # Benchmarks (not tests): each prints its figures; bench-read and bench-interactions start their own server.
 bench: $(STAMP)
