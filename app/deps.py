@@ -19,7 +19,6 @@ class Services:
     settings: Settings
     # bytes client (decode_responses=False, as RQ expects); None when REDIS_URL is unset.
     redis: redis.Redis | None = None
-    extras: dict[str, object] = field(default_factory=dict)
     # The served model, built from the settings unless one is given; the app's lifespan starts and stops it.
     model_server: InitVar[ModelServer | None] = None
     models: ModelServer = field(init=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Final
 
 from torch import nn
@@ -10,6 +11,14 @@ from torchvision.models import resnet18
 from app.contracts import N_CLASSES
 
 ARCH: Final = "resnet18_1ch"
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), which is what torch's thread count should be."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
 
 
 def build_model(n_classes: int = N_CLASSES) -> nn.Module:

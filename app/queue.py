@@ -8,11 +8,11 @@ progress live in Redis as RQ's `job.meta`, under the keys named below; the worke
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, Literal
 
 import redis
+from pydantic import BaseModel, ConfigDict
 from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
@@ -103,11 +103,13 @@ def enqueue_train(services: Services, job: DigitsTrainJobV1) -> str:
     return str(rq_job.id)
 
 
-@dataclass(frozen=True)
-class JobView:
+class JobView(BaseModel):
+    """What `GET /v1/jobs/{id}` answers: status, progress, and the result or error."""
+
+    model_config = ConfigDict(frozen=True)
+
     job_id: str
     status: JobState
-    rq_status: str
     stage: str | None
     request_id: str | None
     user_id: int | None
@@ -154,7 +156,6 @@ def read_job(services: Services, job_id: str) -> JobView | None:
     return JobView(
         job_id=job.id,
         status=status,
-        rq_status=rq_status,
         stage=str(meta[META_STAGE]) if META_STAGE in meta else None,
         request_id=str(meta[META_REQUEST_ID]) if META_REQUEST_ID in meta else None,
         user_id=user_id if isinstance(user_id, int) else None,

@@ -16,7 +16,6 @@ import asyncio
 import functools
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from app.contracts import N_CLASSES, ManifestV1_1
-from app.network import ARCH, build_model
+from app.network import ARCH, available_cores, build_model
 from app.observability import ACTIVE_MODEL, FAILED_ACTIVATIONS, MODEL_SWAPS
 from app.preprocess import CANVAS, preprocess, to_tensor
 from app.store import ActivePointer, ModelStore, StoredVersion, VersionNotFoundError
@@ -96,10 +95,6 @@ class LoadedModel:
 
 
 # --- loading -------------------------------------------------------------------------------------
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _state_dict_of(loaded: object) -> dict[str, torch.Tensor]:
@@ -208,7 +203,7 @@ class ModelServer:
         self.settings = settings
         self.api = settings.api
         self.store = store or ModelStore(settings.models_dir, keep_versions=settings.api.keep_versions)
-        self.threads = self.api.torch_threads or cpu_count()
+        self.threads = self.api.torch_threads or available_cores()
         self._current: LoadedModel | None = None
         self._runtime: _Runtime | None = None
         self._preprocessing = 0
@@ -223,7 +218,7 @@ class ModelServer:
         torch.set_num_threads(self.threads)
         await asyncio.to_thread(self.store.prepare)
         runtime = _Runtime(
-            preprocess_pool=ThreadPoolExecutor(max_workers=max(2, cpu_count()), thread_name_prefix="preprocess"),
+            preprocess_pool=ThreadPoolExecutor(max_workers=max(2, available_cores()), thread_name_prefix="preprocess"),
             infer_pool=ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="infer", initializer=torch.set_num_threads, initargs=(self.threads,)
             ),

@@ -80,7 +80,8 @@ def is_safe_version(value: str) -> bool:
     return _VERSION.fullmatch(value) is not None
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename is durable once its directory is)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -99,7 +100,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 class ModelStore:
@@ -159,11 +160,11 @@ class ModelStore:
                 f.write(stored_manifest.model_dump_json(indent=2).encode("utf-8"))
                 f.flush()
                 os.fsync(f.fileno())
-            fsync_dir(incoming)
+            fsync_path(incoming)
             model_dir.mkdir(exist_ok=True)
             os.rename(incoming, target)
-            fsync_dir(model_dir)
-            fsync_dir(self.root)
+            fsync_path(model_dir)
+            fsync_path(self.root)
             return StoredVersion(manifest.model_id, manifest.version, target, stored_manifest), True
 
     # --- reading ---------------------------------------------------------------------------------

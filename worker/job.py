@@ -20,13 +20,14 @@ from rq import get_current_job
 from rq.job import Job
 
 from app.contracts import DigitsTrainJobV1
+from app.network import available_cores
 from app.queue import META_ERROR, META_RESULT
 from config.settings import Settings, get_settings
 from worker.artifacts import write_artifacts
 from worker.augment import Modifiers
 from worker.data import MnistUnavailableError, load_mnist
 from worker.events import JobReporter, salvage_ids, save_meta
-from worker.train import Progress, TrainConfig, available_cores, describe_device, pick_device, pick_precision, train
+from worker.train import Progress, TrainConfig, describe_device, pick_device, pick_precision, train
 from worker.upload import UploadError, upload_artifacts
 
 log = logging.getLogger(__name__)

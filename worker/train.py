@@ -9,7 +9,6 @@ optimiser and schedule (AdamW + one-cycle) suit the default one-epoch job.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.network import build_model
+from app.network import available_cores, build_model
 from app.preprocess import MNIST_MEAN, MNIST_STD
 from worker.augment import Modifiers, apply_modifiers, random_affine
 from worker.data import MnistSplits
@@ -69,13 +68,6 @@ class TrainOutcome:
     train_samples: int
     augment_seconds: float  # time spent in augmentation, for the <10% budget
     history: list[dict[str, float]]
-
-
-def available_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def pick_device(requested: str) -> torch.device:

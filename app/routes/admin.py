@@ -25,22 +25,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-from pathlib import Path
 from typing import Final
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 
 from app.auth import ApiKeyDep
-from app.contracts import MANIFEST_SCHEMA_VERSION, ManifestV1_1
+from app.contracts import MANIFEST_SCHEMA_VERSION, MODEL_ID_PATTERN, ManifestV1_1
 from app.deps import ServicesDep
 from app.errors import ApiError
 from app.multipart import BodyTooLargeError, FileSpec, Form, MalformedMultipartError, read_multipart
 from app.preprocess import PREPROCESS_HASH
 from app.routes.read import check_content_length
 from app.serving import CandidateError
-from app.store import WEIGHTS_FILE, VersionExistsError, VersionNotFoundError, is_safe_model_id
+from app.store import WEIGHTS_FILE, VersionExistsError, VersionNotFoundError, fsync_path, is_safe_model_id
 
 router = APIRouter(tags=["admin"])
 
@@ -57,7 +55,7 @@ _OPENAPI_BODY: Final[dict[str, object]] = {
                     "type": "object",
                     "required": ["model_id", "manifest", "model"],
                     "properties": {
-                        "model_id": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_.-]{0,63}$"},
+                        "model_id": {"type": "string", "pattern": MODEL_ID_PATTERN},
                         "activate": {"type": "boolean", "default": True},
                         "manifest": {"type": "string", "format": "binary", "description": "manifest.json (v1.1)"},
                         "model": {"type": "string", "format": "binary", "description": "state dict (torch.save)"},
@@ -164,14 +162,6 @@ def validate_upload(form: Form) -> tuple[ManifestV1_1, str, bool]:
     return manifest, model_part.sha256, activate
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @router.post("/v1/admin/models/upload", response_model=UploadResponse, openapi_extra=_OPENAPI_BODY)
 async def upload_model(request: Request, services: ServicesDep, _: ApiKeyDep) -> UploadResponse:
     api = services.settings.api
@@ -199,7 +189,7 @@ async def upload_model(request: Request, services: ServicesDep, _: ApiKeyDep) ->
         except MalformedMultipartError as exc:
             raise _refuse("malformed_multipart", exc.message) from exc
         manifest, sha256, activate = validate_upload(form)
-        await asyncio.to_thread(_fsync_file, incoming / WEIGHTS_FILE)
+        await asyncio.to_thread(fsync_path, incoming / WEIGHTS_FILE)
         stored, activated = await services.models.add_version(incoming, manifest, sha256, activate=activate)
     except CandidateError as exc:
         raise _refuse(exc.code, exc.message) from exc
