@@ -38,11 +38,14 @@ def _dev(args: argparse.Namespace) -> int:
     embedded = None if settings.redis_url else EmbeddedRedis().start()
     redis_url = settings.redis_url or (embedded.url if embedded is not None else "")
     api_url = f"http://{args.host}:{args.port}"
-    env = dev_environment(dict(os.environ), api_url)
+    env = dev_environment(dict(os.environ), settings, api_url)
     env["REDIS_URL"] = redis_url
     env.setdefault("LOG_LEVEL", "WARNING")  # the console is for the progress bar and real problems
     if embedded is not None:
         print(f"digits dev: embedded Redis on {embedded.url}", flush=True)
+    if settings.handwriting_api_key is None:
+        print(f"digits dev: admin key for this run: {env['HANDWRITING_API_KEY']} "
+              "(set HANDWRITING_API_KEY in .env to choose your own)", flush=True)
 
     first_model = not active_model_exists(settings)
     # The first model trains on a few thousand images so it is ready in minutes; later jobs use everything.

@@ -126,11 +126,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 # --- digits dev: the worker beside the API, and a first model when none is active -------------------------
 
 
-def dev_environment(env: dict[str, str], api_url: str) -> dict[str, str]:
-    """The API and the worker share an admin key (made up for this run when none is set) and the API URL."""
+def dev_environment(env: dict[str, str], settings: Settings, api_url: str) -> dict[str, str]:
+    """The API and the worker share an admin key (the configured one, from the environment or .env, or one
+    made up for this run) and the API URL."""
     env = dict(env)
-    if not env.get("HANDWRITING_API_KEY", "").strip():
-        env["HANDWRITING_API_KEY"] = secrets.token_urlsafe(24)
+    key = settings.handwriting_api_key
+    env["HANDWRITING_API_KEY"] = key.get_secret_value() if key is not None else secrets.token_urlsafe(24)
     env["HANDWRITING_API_URL"] = api_url
     return env
 
