@@ -10,6 +10,8 @@ import pytest
 import redis
 
 from app.redis_embedded import EmbeddedRedis
+from tests.discord_support import Signer
+from tests.fake_discord import FakeDiscord
 from tests.support import LiveProcess, start_api
 
 
@@ -57,3 +59,17 @@ def _no_ambient_config(monkeypatch: pytest.MonkeyPatch) -> None:
         if key.startswith(("REDIS_URL", "RQ__", "DIGITS_", "HANDWRITING_", "DISCORD_", "DATA_DIR", "TRAIN__", "API__")):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeDiscord]:
+    """A fake Discord API and CDN on loopback that records every call (for the Discord tests)."""
+    server = FakeDiscord().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def signer() -> Signer:
+    """A fresh Ed25519 key pair standing in for the application's (for the Discord tests)."""
+    return Signer()

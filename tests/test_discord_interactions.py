@@ -21,18 +21,6 @@ EPHEMERAL = 64
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[FakeDiscord]:
-    server = FakeDiscord().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def signer() -> Signer:
-    return Signer()
-
-
-@pytest.fixture(scope="module")
 def api(redis_server: EmbeddedRedis, fake: FakeDiscord, signer: Signer) -> Iterator[ServedApp]:
     served = serve(settings_for(signer, fake.api_base, redis_url=redis_server.url, discord_train_rate_per_hour=3))
     yield served

@@ -18,18 +18,6 @@ EDIT = r"^/webhooks/424242/[^/]+/messages/@original$"
 PNG = encode(draw_digit("7"))
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeDiscord]:
-    server = FakeDiscord().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def signer() -> Signer:
-    return Signer()
-
-
 def install_model(served: ServedApp, *, confidence: float | None = None) -> None:
     """A randomly initialised ResNet-18 (always answering 7), through the real admin upload endpoint."""
     data, files = upload_files(manifest(version=f"v-{snowflake()}"), weights_bytes(7, confidence))

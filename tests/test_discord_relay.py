@@ -22,18 +22,6 @@ CHANNEL = "digits:events"
 EDIT = r"^/webhooks/424242/[^/]+/messages/@original$"
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeDiscord]:
-    server = FakeDiscord().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def signer() -> Signer:
-    return Signer()
-
-
 def _serve_relaying(signer: Signer, fake: FakeDiscord, redis_url: str, **overrides: Any) -> ServedApp:
     values: dict[str, Any] = {"redis_url": redis_url, "discord_train_rate_per_hour": 0,
                               "discord_bot_token": "bot-secret"}
