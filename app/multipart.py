@@ -24,6 +24,22 @@ MAX_FIELD_BYTES: Final = 1024  # plain form fields (model_id, activate) are shor
 MAX_PARTS: Final = 16
 
 
+_TRUE: Final = frozenset({"true", "1", "yes", "on"})
+_FALSE: Final = frozenset({"false", "0", "no", "off"})
+
+
+def parse_flag(value: str) -> bool | None:
+    """A boolean form field or query value (true/1/yes/on, false/0/no/off); None when it is neither."""
+    text = value.strip().lower()
+    return True if text in _TRUE else False if text in _FALSE else None
+
+
+def openapi_multipart(required: list[str], properties: dict[str, object]) -> dict[str, object]:
+    """`openapi_extra` for a route that reads its multipart body itself (so FastAPI cannot describe it)."""
+    schema = {"type": "object", "required": required, "properties": properties}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
 class MultipartError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -34,7 +34,15 @@ from app.auth import ApiKeyDep
 from app.contracts import MANIFEST_SCHEMA_VERSION, MODEL_ID_PATTERN, ManifestV1_1
 from app.deps import ServicesDep
 from app.errors import ApiError
-from app.multipart import BodyTooLargeError, FileSpec, Form, MalformedMultipartError, read_multipart
+from app.multipart import (
+    BodyTooLargeError,
+    FileSpec,
+    Form,
+    MalformedMultipartError,
+    openapi_multipart,
+    parse_flag,
+    read_multipart,
+)
 from app.preprocess import PREPROCESS_HASH
 from app.routes.read import check_content_length
 from app.serving import CandidateError
@@ -43,28 +51,16 @@ from app.store import WEIGHTS_FILE, VersionExistsError, VersionNotFoundError, fs
 router = APIRouter(tags=["admin"])
 
 _MULTIPART_OVERHEAD: Final = 64 * 1024
-_TRUE: Final = frozenset({"true", "1", "yes", "on"})
-_FALSE: Final = frozenset({"false", "0", "no", "off"})
 
-_OPENAPI_BODY: Final[dict[str, object]] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["model_id", "manifest", "model"],
-                    "properties": {
-                        "model_id": {"type": "string", "pattern": MODEL_ID_PATTERN},
-                        "activate": {"type": "boolean", "default": True},
-                        "manifest": {"type": "string", "format": "binary", "description": "manifest.json (v1.1)"},
-                        "model": {"type": "string", "format": "binary", "description": "state dict (torch.save)"},
-                    },
-                }
-            }
-        },
-    }
-}
+_OPENAPI_BODY: Final = openapi_multipart(
+    ["model_id", "manifest", "model"],
+    {
+        "model_id": {"type": "string", "pattern": MODEL_ID_PATTERN},
+        "activate": {"type": "boolean", "default": True},
+        "manifest": {"type": "string", "format": "binary", "description": "manifest.json (v1.1)"},
+        "model": {"type": "string", "format": "binary", "description": "state dict (torch.save)"},
+    },
+)
 
 
 class UploadResponse(BaseModel):
@@ -97,11 +93,9 @@ def _refuse(code: str, message: str, status: int = 400) -> ApiError:
 
 
 def parse_activate(value: str | None) -> bool:
-    text = (value if value is not None else "true").strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
+    flag = parse_flag(value if value is not None else "true")
+    if flag is not None:
+        return flag
     raise _refuse("invalid_request", f"activate must be true or false, not {value!r}")
 
 

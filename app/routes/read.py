@@ -20,7 +20,14 @@ from pydantic import BaseModel
 
 from app.deps import Services, ServicesDep
 from app.errors import ApiError
-from app.multipart import BodyTooLargeError, FileSpec, MalformedMultipartError, read_multipart
+from app.multipart import (
+    BodyTooLargeError,
+    FileSpec,
+    MalformedMultipartError,
+    openapi_multipart,
+    parse_flag,
+    read_multipart,
+)
 from app.observability import READ_LATENCY
 from app.preprocess import U8, PreprocessError
 from app.queue import describe_training, training_in_progress
@@ -30,24 +37,11 @@ router = APIRouter(tags=["read"])
 
 VISUAL_SCALE: Final = 8  # the 28x28 the model saw, enlarged to 224x224
 _MULTIPART_OVERHEAD: Final = 16 * 1024  # boundaries and part headers around the image
-_TRUE: Final = frozenset({"true", "1", "yes", "on"})
-_FALSE: Final = frozenset({"false", "0", "no", "off"})
 _AUTO: Final = frozenset({"", "auto", "none", "null"})
 
-_OPENAPI_BODY: Final[dict[str, object]] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary", "description": "PNG or JPEG"}},
-                }
-            }
-        },
-    }
-}
+_OPENAPI_BODY: Final = openapi_multipart(
+    ["file"], {"file": {"type": "string", "format": "binary", "description": "PNG or JPEG"}}
+)
 
 
 class ReadResponse(BaseModel):
@@ -63,13 +57,11 @@ class ReadResponse(BaseModel):
 
 def parse_invert(value: str | None) -> bool | None:
     """`invert`: true (dark ink on light paper), false (light ink on dark), or auto (the default)."""
-    text = (value or "").strip().lower()
-    if text in _AUTO:
+    if (value or "").strip().lower() in _AUTO:
         return None
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
+    flag = parse_flag(value or "")
+    if flag is not None:
+        return flag
     raise ApiError(422, "invalid_request", f"invert must be true, false or auto, not {value!r}")
 
 
