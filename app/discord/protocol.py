@@ -19,7 +19,6 @@ from typing import Final
 import redis
 
 from app.contracts import DigitsTrainJobV1
-from app.deps import Services
 from app.discord.client import NO_MENTIONS, DiscordClient, DownloadError
 from app.discord.commands import TRAIN_EPOCHS_MAX, TRAIN_EPOCHS_MIN
 from app.discord.state import (
@@ -32,8 +31,9 @@ from app.discord.state import (
 )
 from app.discord.verify import VerifyResult, verify_request
 from app.preprocess import PreprocessError, sniff_image_type
-from app.queue import TrainingNotConfiguredError, TrainingUnavailableError, enqueue_train
-from app.serving import ModelNotReadyError, Prediction, PredictionTimeoutError
+from app.queue import TrainingUnavailableError, enqueue_train
+from app.serving import ModelNotReadyError, ModelServer, Prediction, PredictionTimeoutError
+from config.settings import Settings
 
 # Interaction types and response types (Discord API v10).
 PING: Final = 1
@@ -90,7 +90,6 @@ _RATE_WINDOW_MS: Final = 3600 * 1000
 log = logging.getLogger("app.discord")
 
 JsonObject = dict[str, object]
-Enqueue = Callable[[Services, DigitsTrainJobV1], str]
 
 
 @dataclass(frozen=True)
@@ -214,12 +213,13 @@ def attachment_of(data: Mapping[str, object] | None, option: str = "image") -> A
 
 
 class InteractionHandler:
-    def __init__(self, services: Services, client: DiscordClient, *, enqueue: Enqueue = enqueue_train) -> None:
-        self.services = services
-        self.settings = services.settings
+    def __init__(
+        self, settings: Settings, redis_client: redis.Redis | None, reader: ModelServer, client: DiscordClient
+    ) -> None:
+        self.settings = settings
+        self.redis = redis_client
+        self.reader = reader
         self.client = client
-        self._enqueue = enqueue
-        redis_client = services.redis
         self._admit_script = redis_client.register_script(_ADMIT_LUA) if redis_client is not None else None
 
     # -- entry point -------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ class InteractionHandler:
     # -- /train ------------------------------------------------------------------------------------
 
     def train(self, interaction: Mapping[str, object], data: Mapping[str, object] | None, request_id: str) -> Reply:
-        client = self.services.redis
+        client = self.redis
         if client is None:
             return Reply(200, message(MSG_NOT_CONFIGURED))
         user_id = user_id_of(interaction)
@@ -321,14 +321,14 @@ class InteractionHandler:
             request_id=record.request_id, user_id=record.user_id, epochs=options.epochs, augment=options.augment
         )
         try:
-            job_id = self._enqueue(self.services, job)
+            job_id = enqueue_train(client, self.settings.rq.queue, job)
         except (TrainingUnavailableError, redis.RedisError) as exc:
             log.warning("training not enqueued: %s", exc)
             # Undo the admission, so that neither a retry nor the user's hourly allowance pays for it.
             with contextlib.suppress(redis.RedisError):
                 client.delete(key, train_record_key(record.request_id))
                 client.zrem(train_rate_key(record.user_id), interaction_id)
-            return message(MSG_NOT_CONFIGURED if isinstance(exc, TrainingNotConfiguredError) else MSG_UNAVAILABLE)
+            return message(MSG_UNAVAILABLE)
         log.info("training enqueued from Discord", extra={"job_id": job_id, "model_id": job.model_id})
         augment = "on" if options.augment else "off"
         return message(
@@ -386,7 +386,7 @@ class InteractionHandler:
         if sniff_image_type(data) is None:
             return "That file isn't a PNG or JPEG image. Please attach a photo or scan of one digit."
         try:
-            prediction = await self.services.models.read_digit(data)
+            prediction = await self.reader.read_digit(data)
         except PreprocessError as exc:
             return f"I couldn't read a digit in that image: {exc.message}"
         except ModelNotReadyError:
