@@ -38,6 +38,7 @@ META_STAGE: Final = "stage"  # queued | preparing | training | evaluating | uplo
 META_PROGRESS: Final = "progress"  # the last progress event's fields
 META_LAST_EVENT: Final = "last_event"  # the last event published, as its JSON text
 META_RESULT: Final = "result"  # what the completed event carried, plus the artifacts' path
+META_RUN_ID: Final = "run_id"  # the current training run (a retry is a new run)
 META_ERROR: Final = "error"  # {"kind": "user" | "system", "message": str}
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import secrets
+import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,8 @@ from worker.train import TrainOutcome
 
 WEIGHTS_NAME = "model.pt"
 MANIFEST_NAME = "manifest.json"
+# Written into a run's directory once the API has accepted its model; only such runs are ever pruned.
+UPLOADED_MARKER = "uploaded.json"
 
 
 @dataclass(frozen=True)
@@ -91,3 +94,26 @@ def write_artifacts(
     _write_atomic(weights_path, weights)
     _write_atomic(manifest_path, json.dumps(manifest, indent=2).encode("utf-8"))
     return Artifacts(directory=directory, weights_path=weights_path, manifest_path=manifest_path, manifest=manifest)
+
+
+def mark_uploaded(artifacts: Artifacts, status: int) -> None:
+    _write_atomic(artifacts.directory / UPLOADED_MARKER,
+                  json.dumps({"status": status, "uploaded_at": utc_now().isoformat()}).encode("utf-8"))
+
+
+def prune_artifacts(out_dir: Path, keep: int) -> int:
+    """Deletes the run directories under `out_dir/<model_id>/` beyond the newest `keep` uploaded ones.
+
+    Runs whose upload failed (or never happened) hold the only copy of their model and are kept.
+    Versions sort by time (see `new_version`), so the newest are the last. Returns how many were deleted.
+    """
+    uploaded = sorted((marker.parent for marker in out_dir.glob(f"*/*/{UPLOADED_MARKER}")),
+                      key=lambda d: d.name)
+    deleted = 0
+    for directory in uploaded[: max(0, len(uploaded) - keep)]:
+        try:
+            shutil.rmtree(directory)
+        except FileNotFoundError:
+            continue  # another worker sharing DATA_DIR pruned it first
+        deleted += 1
+    return deleted
