@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import redis
@@ -16,20 +16,25 @@ from app.contracts import (
     META_MODEL_ID,
     META_PROGRESS,
     META_REQUEST_ID,
+    META_RUN_ID,
     META_STAGE,
     META_USER_ID,
     MODEL_ID_PATTERN,
+    TrainArtifactV1,
+    TrainBatchV1,
+    TrainBestV1,
     TrainCompletedV1,
+    TrainEpochV1,
+    TrainEventModel,
     TrainFailedV1,
     TrainProgressV1,
+    TrainPruneV1,
     TrainStartedV1,
+    TrainUploadV1,
     dump_event,
 )
 
 log = logging.getLogger(__name__)
-
-TrainEventModel = TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1
-
 
 @dataclass(frozen=True)
 class EventIds:
@@ -37,6 +42,7 @@ class EventIds:
     user_id: int
     model_id: str
     job_id: str
+    run_id: str | None = None
 
 
 def salvage_ids(source: object, job_id: str, meta: dict[str, object] | None = None) -> EventIds:
@@ -51,11 +57,13 @@ def salvage_ids(source: object, job_id: str, meta: dict[str, object] | None = No
     request_id = fields.get(META_REQUEST_ID)
     user_id = fields.get(META_USER_ID)
     model_id = fields.get(META_MODEL_ID)
+    run_id = meta.get(META_RUN_ID) if isinstance(meta, dict) else None
     return EventIds(
         request_id=request_id if isinstance(request_id, str) and 0 < len(request_id) <= 64 else job_id[:64],
         user_id=user_id if isinstance(user_id, int) and not isinstance(user_id, bool) and 0 <= user_id < 2**64 else 0,
         model_id=model_id if isinstance(model_id, str) and re.match(MODEL_ID_PATTERN, model_id) else "unknown",
         job_id=job_id,
+        run_id=run_id if isinstance(run_id, str) and run_id else None,
     )
 
 
@@ -94,7 +102,7 @@ class JobReporter:
 
     def _ids(self) -> dict[str, object]:
         return {"request_id": self.ids.request_id, "user_id": self.ids.user_id, "model_id": self.ids.model_id,
-                "job_id": self.ids.job_id}
+                "job_id": self.ids.job_id, "run_id": self.ids.run_id}
 
     def stage(self, name: str) -> None:
         save_meta(self.job, {META_STAGE: name})
@@ -105,15 +113,38 @@ class JobReporter:
         save_meta(self.job, updates)
         publish(self.connection, self.channel, event)
 
-    def started(self, total_epochs: int, device: str) -> None:
-        self.emit(TrainStartedV1.model_validate({**self._ids(), "total_epochs": total_epochs, "device": device}),
+    def started(self, run_id: str, details: dict[str, object]) -> None:
+        """`details`: total_epochs and the optional fields of TrainStartedV1."""
+        self.ids = replace(self.ids, run_id=run_id)
+        self.emit(TrainStartedV1.model_validate({**self._ids(), **details}),
                   {META_STAGE: "training", META_REQUEST_ID: self.ids.request_id, META_USER_ID: self.ids.user_id,
-                   META_MODEL_ID: self.ids.model_id})
+                   META_MODEL_ID: self.ids.model_id, META_RUN_ID: run_id})
 
     def progress(self, fields: dict[str, object]) -> None:
         event = TrainProgressV1.model_validate({**self._ids(), **fields})
         self.emit(event, {META_PROGRESS: event.model_dump(mode="json", exclude={"type", "ts", "request_id",
-                                                                              "user_id", "model_id", "job_id"})})
+                                                                              "user_id", "model_id", "job_id",
+                                                                              "run_id"})})
+
+    def batch(self, fields: dict[str, object]) -> None:
+        self.emit(TrainBatchV1.model_validate({**self._ids(), **fields}))
+
+    def epoch(self, epoch: int, total_epochs: int, train_loss: float, val_acc: float, time_s: float) -> None:
+        self.emit(TrainEpochV1.model_validate({**self._ids(), "epoch": epoch, "total_epochs": total_epochs,
+                                               "train_loss": train_loss, "val_acc": val_acc, "time_s": time_s}))
+
+    def best(self, epoch: int, val_acc: float) -> None:
+        self.emit(TrainBestV1.model_validate({**self._ids(), "epoch": epoch, "val_acc": val_acc}))
+
+    def artifact(self, path: str) -> None:
+        self.emit(TrainArtifactV1.model_validate({**self._ids(), "path": path}))
+
+    def uploaded(self, status: int, model_bytes: int, manifest_bytes: int) -> None:
+        self.emit(TrainUploadV1.model_validate({**self._ids(), "status": status, "model_bytes": model_bytes,
+                                                "manifest_bytes": manifest_bytes}))
+
+    def pruned(self, deleted_count: int) -> None:
+        self.emit(TrainPruneV1.model_validate({**self._ids(), "deleted_count": deleted_count}))
 
     def completed(self, val_acc: float, test_acc: float, version: str, activated: bool) -> None:
         self.emit(TrainCompletedV1.model_validate({**self._ids(), "val_acc": val_acc, "test_acc": test_acc,

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 from pydantic import ValidationError
 from rq import get_current_job
@@ -21,11 +22,15 @@ from rq.job import Job
 
 from app.contracts import META_ERROR, META_RESULT, DigitsTrainJobV1, describe_errors
 from config.settings import Settings, get_settings
-from worker.artifacts import write_artifacts
+from app.network import available_cores
+from worker.artifacts import mark_uploaded, prune_artifacts, write_artifacts
+from worker.augment import MAX_ROTATE_DEG, MAX_SHIFT_PX
 from worker.data import MnistUnavailableError, load_mnist
 from worker.events import JobReporter, salvage_ids, save_meta
-from worker.train import Progress, pick_hardware, train
-from worker.upload import UploadError, upload_artifacts
+from worker.hooks import RunHooks, RunStart
+from worker.memory import read_cgroup, snapshot
+from worker.train import EpochReport, Progress, pick_hardware, train
+from worker.upload import UploadError, UploadResult, upload_artifacts
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +43,6 @@ class JobFailure(Exception):
         self.kind: Literal["user", "system"] = kind
         self.message = message
         self.retryable = retryable
-
-
-class RunHooks(Protocol):
-    def stage(self, name: str) -> None: ...
-    def started(self, total_epochs: int, device: str) -> None: ...
-    def progress(self, progress: Progress) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,14 @@ def run_training(
 ) -> RunResult:
     """Data, training, artifacts, upload. Raises JobFailure with a message fit for the user."""
     hardware = pick_hardware(settings.train)
-    hooks.started(job.epochs, hardware.describe())
+    label, t = hardware.describe(), settings.train
+    hooks.run_started(RunStart(run_id=uuid.uuid4().hex, total_epochs=job.epochs, device=label, details={
+        "device": label, "batch_size": job.batch_size, "augment": job.augment,
+        "aug_rotate": MAX_ROTATE_DEG if job.augment else 0.0, "aug_translate": MAX_SHIFT_PX if job.augment else 0.0,
+        "noise_prob": t.noise_prob, "dots_prob": t.dots_prob,
+        "cpu_cores": available_cores(), "optimal_threads": hardware.threads, "memory_mb": read_cgroup().limit_mb,
+        "optimal_workers": 0,  # batches are cut from tensors in memory: no data-loader worker processes
+    }))
 
     hooks.stage("preparing")
     try:
@@ -85,13 +91,14 @@ def run_training(
         raise JobFailure("system", f"training data unavailable: {exc}") from exc
 
     hooks.stage("training")
-    outcome = train(job, settings.train, data, hardware, on_progress=hooks.progress)
+    outcome = train(job, settings.train, data, hardware, on_progress=hooks.progress, on_epoch=hooks.epoch)
 
     hooks.stage("saving")
     used = settings.train.model_dump(mode="json", exclude={"upload_attempts", "upload_backoff_s", "upload_timeout_s"})
     artifacts = write_artifacts(out_dir or settings.artifacts_dir, job, outcome, used)
     log.info("artifacts written to %s (val_acc %.4f, test_acc %.4f)", artifacts.directory, outcome.val_acc,
              outcome.test_acc)
+    hooks.artifact(artifacts.directory)
 
     activated = uploaded = False
     note: str | None = None
@@ -109,6 +116,13 @@ def run_training(
         except UploadError as exc:
             raise JobFailure("system", f"{exc}. The trained model is kept at {artifacts.directory}") from exc
         activated, uploaded = result.activated, True
+        mark_uploaded(artifacts, result.status)
+        hooks.uploaded(result)
+        if out_dir is None:  # only our own DATA_DIR/artifacts is pruned, never a directory the user chose
+            deleted = prune_artifacts(settings.artifacts_dir, settings.train.keep_artifacts)
+            if deleted:
+                log.info("pruned %d uploaded run(s) from %s", deleted, settings.artifacts_dir)
+                hooks.pruned(deleted)
     return RunResult(
         model_id=job.model_id, version=artifacts.version, val_acc=round(outcome.val_acc, 6),
         test_acc=round(outcome.test_acc, 6), activated=activated, uploaded=uploaded,
@@ -117,19 +131,46 @@ def run_training(
     )
 
 
-class _ReporterHooks:
+class _ReporterHooks(RunHooks):
+    """A run's hooks as events on the channel (and state in `job.meta`)."""
+
     def __init__(self, reporter: JobReporter) -> None:
         self.reporter = reporter
 
     def stage(self, name: str) -> None:
         self.reporter.stage(name)
 
-    def started(self, total_epochs: int, device: str) -> None:
-        self.reporter.started(total_epochs, device)
+    def run_started(self, start: RunStart) -> None:
+        self.reporter.started(start.run_id, {**start.details, "total_epochs": start.total_epochs})
 
     def progress(self, progress: Progress) -> None:
-        fields = {k: v for k, v in asdict(progress).items() if k != "eta_s"}
-        self.reporter.progress(fields)
+        p = progress
+        self.reporter.progress({"epoch": p.epoch, "total_epochs": p.total_epochs, "batch": p.batch,
+                                "total_batches": p.total_batches, "loss": p.loss,
+                                "samples_per_sec": p.samples_per_sec, "pct": p.pct})
+        memory = snapshot()
+        self.reporter.batch({
+            "epoch": p.epoch, "total_epochs": p.total_epochs, "batch": p.batch, "total_batches": p.total_batches,
+            "batch_loss": p.batch_loss, "batch_acc": p.batch_acc, "avg_loss": p.avg_loss,
+            "samples_per_sec": p.samples_per_sec, "main_rss_mb": memory.main_rss_mb,
+            "workers_rss_mb": memory.workers_rss_mb, "worker_count": memory.worker_count,
+            "cgroup_usage_mb": memory.cgroup.usage_mb, "cgroup_limit_mb": memory.cgroup.limit_mb,
+            "cgroup_pct": memory.cgroup.pct, "anon_mb": memory.cgroup.anon_mb, "file_mb": memory.cgroup.file_mb,
+        })
+
+    def epoch(self, report: EpochReport) -> None:
+        self.reporter.epoch(report.epoch, report.total_epochs, report.train_loss, report.val_acc, report.time_s)
+        if report.is_best:
+            self.reporter.best(report.epoch, report.val_acc)
+
+    def artifact(self, path: Path) -> None:
+        self.reporter.artifact(str(path))
+
+    def uploaded(self, result: UploadResult) -> None:
+        self.reporter.uploaded(result.status, result.model_bytes, result.manifest_bytes)
+
+    def pruned(self, deleted_count: int) -> None:
+        self.reporter.pruned(deleted_count)
 
 
 def parse_payload(payload: object) -> DigitsTrainJobV1:
