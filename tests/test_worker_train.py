@@ -13,10 +13,9 @@ from typing import ClassVar
 import pytest
 import torch
 
-from app.contracts import DigitsTrainJobV1, ManifestV1_1
+from app.contracts import WEIGHTS_FILE, DigitsTrainJobV1, ManifestV1_1
 from app.network import build_model
 from app.preprocess import PREPROCESS_HASH
-from app.contracts import WEIGHTS_FILE
 from config.settings import TrainSettings
 from tests.train_support import fake_run_dir
 from worker.artifacts import UPLOADED_MARKER, prune_artifacts, write_artifacts

@@ -11,12 +11,10 @@ from pathlib import Path
 import redis
 from rq import Worker
 
-from app.contracts import TrainEventModel, parse_event
+from app.contracts import MANIFEST_FILE, WEIGHTS_FILE, TrainEventModel, parse_event
 from tests.support import LiveProcess, spawn
-from app.contracts import MANIFEST_FILE, WEIGHTS_FILE
 from worker.artifacts import Artifacts, mark_uploaded
 
-TrainEvent = TrainEventModel
 API_KEY = "train-test-key"
 
 # Tiny runs: 16 training images in batches of 8, 8 for validation and 16 for the test accuracy.
@@ -35,7 +33,7 @@ class EventListener:
         self._client = redis.Redis.from_url(url)
         self._pubsub = redis.client.PubSub(self._client.connection_pool, ignore_subscribe_messages=True)
         self._pubsub.subscribe(channel)
-        self.events: list[TrainEvent] = []
+        self.events: list[TrainEventModel] = []
         self.raw: list[bytes] = []  # each message exactly as it came, in the same order as `events`
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -49,7 +47,7 @@ class EventListener:
                 self.raw.append(message["data"])
                 self.events.append(event)
 
-    def for_job(self, job_id: str) -> list[TrainEvent]:
+    def for_job(self, job_id: str) -> list[TrainEventModel]:
         return [e for e in list(self.events) if e.job_id == job_id]
 
     def raw_for_job(self, job_id: str) -> list[dict[str, object]]:
@@ -57,7 +55,7 @@ class EventListener:
         decoded = [json.loads(raw) for raw in list(self.raw)]
         return [d for d in decoded if isinstance(d, dict) and d.get("job_id") == job_id]
 
-    def wait_for(self, job_id: str, event_type: str, timeout: float = 180.0) -> TrainEvent:
+    def wait_for(self, job_id: str, event_type: str, timeout: float = 180.0) -> TrainEventModel:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for event in self.for_job(job_id):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, replace
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import redis
 from rq.job import Job
@@ -33,6 +34,12 @@ from app.contracts import (
     TrainUploadV1,
     dump_event,
 )
+from worker.hooks import RunHooks, RunStart
+from worker.memory import snapshot
+
+if TYPE_CHECKING:
+    from worker.train import EpochReport, Progress
+    from worker.upload import UploadResult
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +98,9 @@ def save_meta(job: Job | None, updates: dict[str, object]) -> None:
         log.warning("could not save progress of job %s: %s", job.id, exc, extra={"job_id": job.id})
 
 
-class JobReporter:
-    """Tells the world how a job goes: an event on the channel and the same state in `job.meta`."""
+class JobReporter(RunHooks):
+    """Tells the world how a job goes, as a run's hooks: an event on the channel and the same state in
+    `job.meta`."""
 
     def __init__(self, connection: redis.Redis | None, channel: str, job: Job | None, ids: EventIds) -> None:
         self.connection = connection
@@ -113,35 +121,46 @@ class JobReporter:
         save_meta(self.job, updates)
         publish(self.connection, self.channel, event)
 
-    def started(self, run_id: str, details: dict[str, object]) -> None:
-        """`details`: total_epochs and the optional fields of TrainStartedV1."""
-        self.ids = replace(self.ids, run_id=run_id)
-        self.emit(TrainStartedV1.model_validate({**self._ids(), **details}),
+    def run_started(self, start: RunStart) -> None:
+        self.ids = replace(self.ids, run_id=start.run_id)
+        self.emit(TrainStartedV1.model_validate({**self._ids(), **start.details, "total_epochs": start.total_epochs}),
                   {META_STAGE: "training", META_REQUEST_ID: self.ids.request_id, META_USER_ID: self.ids.user_id,
-                   META_MODEL_ID: self.ids.model_id, META_RUN_ID: run_id})
+                   META_MODEL_ID: self.ids.model_id, META_RUN_ID: start.run_id})
 
-    def progress(self, fields: dict[str, object]) -> None:
-        event = TrainProgressV1.model_validate({**self._ids(), **fields})
+    def progress(self, progress: Progress) -> None:
+        p = progress
+        event = TrainProgressV1.model_validate({
+            **self._ids(), "epoch": p.epoch, "total_epochs": p.total_epochs, "batch": p.batch,
+            "total_batches": p.total_batches, "loss": p.loss, "samples_per_sec": p.samples_per_sec, "pct": p.pct,
+        })
         self.emit(event, {META_PROGRESS: event.model_dump(mode="json", exclude={"type", "ts", "request_id",
                                                                               "user_id", "model_id", "job_id",
                                                                               "run_id"})})
+        memory = snapshot()
+        self.emit(TrainBatchV1.model_validate({
+            **self._ids(), "epoch": p.epoch, "total_epochs": p.total_epochs, "batch": p.batch,
+            "total_batches": p.total_batches, "batch_loss": p.batch_loss, "batch_acc": p.batch_acc,
+            "avg_loss": p.avg_loss, "samples_per_sec": p.samples_per_sec, "main_rss_mb": memory.main_rss_mb,
+            "workers_rss_mb": memory.workers_rss_mb, "worker_count": memory.worker_count,
+            "cgroup_usage_mb": memory.cgroup.usage_mb, "cgroup_limit_mb": memory.cgroup.limit_mb,
+            "cgroup_pct": memory.cgroup.pct, "anon_mb": memory.cgroup.anon_mb, "file_mb": memory.cgroup.file_mb,
+        }))
 
-    def batch(self, fields: dict[str, object]) -> None:
-        self.emit(TrainBatchV1.model_validate({**self._ids(), **fields}))
+    def epoch(self, report: EpochReport) -> None:
+        self.emit(TrainEpochV1.model_validate({
+            **self._ids(), "epoch": report.epoch, "total_epochs": report.total_epochs,
+            "train_loss": report.train_loss, "val_acc": report.val_acc, "time_s": report.time_s,
+        }))
+        if report.is_best:
+            self.emit(TrainBestV1.model_validate({**self._ids(), "epoch": report.epoch, "val_acc": report.val_acc}))
 
-    def epoch(self, epoch: int, total_epochs: int, train_loss: float, val_acc: float, time_s: float) -> None:
-        self.emit(TrainEpochV1.model_validate({**self._ids(), "epoch": epoch, "total_epochs": total_epochs,
-                                               "train_loss": train_loss, "val_acc": val_acc, "time_s": time_s}))
+    def artifact(self, path: Path) -> None:
+        self.emit(TrainArtifactV1.model_validate({**self._ids(), "path": str(path)}))
 
-    def best(self, epoch: int, val_acc: float) -> None:
-        self.emit(TrainBestV1.model_validate({**self._ids(), "epoch": epoch, "val_acc": val_acc}))
-
-    def artifact(self, path: str) -> None:
-        self.emit(TrainArtifactV1.model_validate({**self._ids(), "path": path}))
-
-    def uploaded(self, status: int, model_bytes: int, manifest_bytes: int) -> None:
-        self.emit(TrainUploadV1.model_validate({**self._ids(), "status": status, "model_bytes": model_bytes,
-                                                "manifest_bytes": manifest_bytes}))
+    def uploaded(self, result: UploadResult) -> None:
+        self.emit(TrainUploadV1.model_validate({**self._ids(), "status": result.status,
+                                                "model_bytes": result.model_bytes,
+                                                "manifest_bytes": result.manifest_bytes}))
 
     def pruned(self, deleted_count: int) -> None:
         self.emit(TrainPruneV1.model_validate({**self._ids(), "deleted_count": deleted_count}))

@@ -20,17 +20,25 @@ from pydantic import ValidationError
 from rq import get_current_job
 from rq.job import Job
 
-from app.contracts import META_ERROR, META_RESULT, DigitsTrainJobV1, describe_errors
-from config.settings import Settings, get_settings
+from app.contracts import (
+    META_ERROR,
+    META_MODEL_ID,
+    META_REQUEST_ID,
+    META_RESULT,
+    META_USER_ID,
+    DigitsTrainJobV1,
+    describe_errors,
+)
 from app.network import available_cores
+from config.settings import Settings, get_settings
 from worker.artifacts import mark_uploaded, prune_artifacts, write_artifacts
 from worker.augment import MAX_ROTATE_DEG, MAX_SHIFT_PX
 from worker.data import MnistUnavailableError, load_mnist
 from worker.events import JobReporter, salvage_ids, save_meta
 from worker.hooks import RunHooks, RunStart
-from worker.memory import read_cgroup, snapshot
-from worker.train import EpochReport, Progress, pick_hardware, train
-from worker.upload import UploadError, UploadResult, upload_artifacts
+from worker.memory import read_cgroup
+from worker.train import pick_hardware, train
+from worker.upload import UploadError, upload_artifacts
 
 log = logging.getLogger(__name__)
 
@@ -131,48 +139,6 @@ def run_training(
     )
 
 
-class _ReporterHooks(RunHooks):
-    """A run's hooks as events on the channel (and state in `job.meta`)."""
-
-    def __init__(self, reporter: JobReporter) -> None:
-        self.reporter = reporter
-
-    def stage(self, name: str) -> None:
-        self.reporter.stage(name)
-
-    def run_started(self, start: RunStart) -> None:
-        self.reporter.started(start.run_id, {**start.details, "total_epochs": start.total_epochs})
-
-    def progress(self, progress: Progress) -> None:
-        p = progress
-        self.reporter.progress({"epoch": p.epoch, "total_epochs": p.total_epochs, "batch": p.batch,
-                                "total_batches": p.total_batches, "loss": p.loss,
-                                "samples_per_sec": p.samples_per_sec, "pct": p.pct})
-        memory = snapshot()
-        self.reporter.batch({
-            "epoch": p.epoch, "total_epochs": p.total_epochs, "batch": p.batch, "total_batches": p.total_batches,
-            "batch_loss": p.batch_loss, "batch_acc": p.batch_acc, "avg_loss": p.avg_loss,
-            "samples_per_sec": p.samples_per_sec, "main_rss_mb": memory.main_rss_mb,
-            "workers_rss_mb": memory.workers_rss_mb, "worker_count": memory.worker_count,
-            "cgroup_usage_mb": memory.cgroup.usage_mb, "cgroup_limit_mb": memory.cgroup.limit_mb,
-            "cgroup_pct": memory.cgroup.pct, "anon_mb": memory.cgroup.anon_mb, "file_mb": memory.cgroup.file_mb,
-        })
-
-    def epoch(self, report: EpochReport) -> None:
-        self.reporter.epoch(report.epoch, report.total_epochs, report.train_loss, report.val_acc, report.time_s)
-        if report.is_best:
-            self.reporter.best(report.epoch, report.val_acc)
-
-    def artifact(self, path: Path) -> None:
-        self.reporter.artifact(str(path))
-
-    def uploaded(self, result: UploadResult) -> None:
-        self.reporter.uploaded(result.status, result.model_bytes, result.manifest_bytes)
-
-    def pruned(self, deleted_count: int) -> None:
-        self.reporter.pruned(deleted_count)
-
-
 def parse_payload(payload: object) -> DigitsTrainJobV1:
     """The payload as enqueued (a dict; a JSON text is accepted too). Raises JobFailure('user')."""
     try:
@@ -205,7 +171,7 @@ def process_train_job(payload: object) -> dict[str, object]:
         if rq_job is not None:
             ids = salvage_ids(payload if not isinstance(payload, str | bytes) else _loads(payload), job_id,
                               rq_job.meta)
-            save_meta(rq_job, {"request_id": ids.request_id, "user_id": ids.user_id, "model_id": ids.model_id})
+            save_meta(rq_job, {META_REQUEST_ID: ids.request_id, META_USER_ID: ids.user_id, META_MODEL_ID: ids.model_id})
         _record_failure(rq_job, failure)
         raise
 
@@ -214,7 +180,7 @@ def process_train_job(payload: object) -> dict[str, object]:
     reporter = JobReporter(rq_job.connection if rq_job is not None else None, settings.digits_events_channel,
                            rq_job, ids)
     try:
-        result = run_training(job, settings, _ReporterHooks(reporter))
+        result = run_training(job, settings, reporter)
     except JobFailure as failure:
         _record_failure(rq_job, failure)
         raise
