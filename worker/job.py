@@ -102,7 +102,8 @@ def run_training(
     outcome = train(job, settings.train, data, hardware, on_progress=hooks.progress, on_epoch=hooks.epoch)
 
     hooks.stage("saving")
-    used = settings.train.model_dump(mode="json", exclude={"upload_attempts", "upload_backoff_s", "upload_timeout_s"})
+    used = settings.train.model_dump(mode="json", exclude={"upload_attempts", "upload_backoff_s", "upload_timeout_s",
+                                                          "keep_artifacts"})
     artifacts = write_artifacts(out_dir or settings.artifacts_dir, job, outcome, used)
     log.info("artifacts written to %s (val_acc %.4f, test_acc %.4f)", artifacts.directory, outcome.val_acc,
              outcome.test_acc)
@@ -124,13 +125,17 @@ def run_training(
         except UploadError as exc:
             raise JobFailure("system", f"{exc}. The trained model is kept at {artifacts.directory}") from exc
         activated, uploaded = result.activated, True
-        mark_uploaded(artifacts, result.status)
         hooks.uploaded(result)
-        if out_dir is None:  # only our own DATA_DIR/artifacts is pruned, never a directory the user chose
-            deleted = prune_artifacts(settings.artifacts_dir, settings.train.keep_artifacts)
-            if deleted:
-                log.info("pruned %d uploaded run(s) from %s", deleted, settings.artifacts_dir)
-                hooks.pruned(deleted)
+        try:  # housekeeping: a disk error here must not fail a run whose model is already live
+            mark_uploaded(artifacts, result.status)
+            # Only our own DATA_DIR/artifacts is pruned, never a directory the user chose.
+            deleted = prune_artifacts(settings.artifacts_dir, settings.train.keep_artifacts) if out_dir is None else 0
+        except OSError as exc:
+            log.warning("could not mark or prune artifacts under %s: %s", artifacts.directory.parent.parent, exc)
+            deleted = 0
+        if deleted:
+            log.info("pruned %d uploaded run(s) from %s", deleted, settings.artifacts_dir)
+            hooks.pruned(deleted)
     return RunResult(
         model_id=job.model_id, version=artifacts.version, val_acc=round(outcome.val_acc, 6),
         test_acc=round(outcome.test_acc, 6), activated=activated, uploaded=uploaded,
