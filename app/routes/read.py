@@ -29,9 +29,9 @@ from app.multipart import (
     read_multipart,
 )
 from app.observability import READ_LATENCY
+from app.prediction import ModelNotReadyError, PredictionTimeoutError
 from app.preprocess import U8, PreprocessError
 from app.queue import describe_training, training_in_progress
-from app.serving import ModelNotReadyError, PredictionTimeoutError
 
 router = APIRouter(tags=["read"])
 
