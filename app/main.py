@@ -20,7 +20,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
     services = Services(settings=settings, redis=make_redis(settings.redis_url))
-    discord = DiscordRuntime(services)
+    discord = DiscordRuntime(settings, services.redis, services.models)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

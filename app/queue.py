@@ -74,11 +74,10 @@ def _connection(services: Services) -> redis.Redis:
     return services.redis
 
 
-def enqueue_train(services: Services, job: DigitsTrainJobV1) -> str:
+def enqueue_train(connection: redis.Redis, queue_name: str, job: DigitsTrainJobV1) -> str:
     """Put a validated job on the training queue with the contract's RQ options; returns the RQ job id."""
-    connection = _connection(services)
     payload = DigitsTrainJobV1.model_validate(job.model_dump()).model_dump(mode="json")
-    queue = Queue(services.settings.rq.queue, connection=connection)
+    queue = Queue(queue_name, connection=connection)
     try:
         rq_job = queue.enqueue_call(
             TRAIN_JOB_FUNC,

@@ -27,7 +27,7 @@ from app.contracts import (
     TrainProgressV1,
 )
 from app.deps import Services
-from app.queue import enqueue_train, read_job
+from app.queue import _connection, enqueue_train, read_job
 from app.redis_embedded import free_port
 from config.settings import Settings
 from tests.serving_support import digit_png
@@ -184,7 +184,8 @@ def test_upload_target_down_retries_then_fails_keeping_the_artifacts(
     worker = workers({"DATA_DIR": str(data_dir), "HANDWRITING_API_URL": f"http://127.0.0.1:{free_port()}",
                       "HANDWRITING_API_KEY": API_KEY, "TRAIN__UPLOAD_ATTEMPTS": "3",
                       "TRAIN__UPLOAD_BACKOFF_S": "0.05"})
-    job_id = enqueue_train(services, DigitsTrainJobV1(request_id="req-up", user_id=1, batch_size=8))
+    job = DigitsTrainJobV1(request_id="req-up", user_id=1, batch_size=8)
+    job_id = enqueue_train(_connection(services), services.settings.rq.queue, job)
     failed = events.wait_for(job_id, "digits.train.failed.v1")
     assert isinstance(failed, TrainFailedV1)
     assert failed.error_kind == "system" and "after 3 attempts" in failed.message
@@ -205,7 +206,8 @@ def test_work_horse_killed_mid_training_ends_failed_with_an_event(
     workers: Callable[[dict[str, str]], LiveProcess], events: EventListener, services: Services, data_dir: Path,
 ) -> None:
     worker = workers({"DATA_DIR": str(data_dir), "TRAIN__LIMIT": "400"})
-    job_id = enqueue_train(services, DigitsTrainJobV1(request_id="req-kill", user_id=9, batch_size=4))
+    job = DigitsTrainJobV1(request_id="req-kill", user_id=9, batch_size=4)
+    job_id = enqueue_train(_connection(services), services.settings.rq.queue, job)
     events.wait_for(job_id, "digits.train.progress.v1")
     conn = services.redis
     assert conn is not None

@@ -128,7 +128,7 @@ def _stop(proc: subprocess.Popen[bytes], *, signalled: bool = False, hurry: bool
 
 
 def _discord_sync(args: argparse.Namespace) -> int:
-    from app.discord.commands import run_discord_sync
+    from app.discord.registration import run_discord_sync
 
     guild: str | None = args.guild
     return run_discord_sync(guild)

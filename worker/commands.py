@@ -150,18 +150,17 @@ def active_model_exists(settings: Settings) -> bool:
 def enqueue_first_model(redis_url: str) -> str:
     """Queue the first model's training. Small batches: a bootstrap run on a few thousand images still gets
     enough optimiser steps to read digits."""
-    from app.deps import Services, make_redis
+    from app.deps import make_redis
     from app.queue import enqueue_train
 
-    settings = get_settings().model_copy(update={"redis_url": redis_url})
-    services = Services(settings=settings, redis=make_redis(redis_url))
+    connection = make_redis(redis_url)
+    assert connection is not None  # a URL was given
     job = DigitsTrainJobV1(request_id=f"dev-{uuid.uuid4().hex[:12]}", user_id=0, batch_size=FIRST_MODEL_BATCH,
                            notes="first model, digits dev")
     try:
-        return enqueue_train(services, job)
+        return enqueue_train(connection, get_settings().rq.queue, job)
     finally:
-        if services.redis is not None:
-            services.redis.close()
+        connection.close()
 
 
 @dataclass

@@ -6,10 +6,10 @@ exactly as received, to the protocol, which verifies, routes and builds the answ
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Annotated, Final
 
 import anyio.to_thread
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.background import BackgroundTask
 
@@ -24,15 +24,17 @@ MAX_BODY_BYTES: Final = 1024 * 1024
 router = APIRouter(tags=["discord"])
 
 
-def _runtime(request: Request) -> DiscordRuntime:
+def get_discord(request: Request) -> DiscordRuntime:
     runtime = request.app.state.discord
     assert isinstance(runtime, DiscordRuntime)
     return runtime
 
 
+DiscordDep = Annotated[DiscordRuntime, Depends(get_discord)]
+
+
 @router.post("/discord/interactions", summary="Discord HTTP interactions endpoint (signed by Discord)")
-async def interactions(request: Request) -> JSONResponse:
-    runtime = _runtime(request)
+async def interactions(request: Request, discord: DiscordDep) -> JSONResponse:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         return error_response(413, "too_large", "interaction body too large")
@@ -46,7 +48,7 @@ async def interactions(request: Request) -> JSONResponse:
     body = b"".join(chunks)
     request_id = current_request_id() or new_request_id()
     reply = await anyio.to_thread.run_sync(
-        runtime.handler.handle,
+        discord.handler.handle,
         body,
         request.headers.get(SIGNATURE_HEADER),
         request.headers.get(TIMESTAMP_HEADER),

@@ -10,7 +10,7 @@ from app.contracts import DigitsTrainJobV1
 from app.deps import ServicesDep
 from app.errors import ApiError
 from app.observability import current_request_id, new_request_id
-from app.queue import TrainingUnavailableError, enqueue_train
+from app.queue import TrainingUnavailableError, _connection, enqueue_train
 
 router = APIRouter(tags=["training"])
 
@@ -52,7 +52,7 @@ def create_training_job(_: ApiKeyDep, services: ServicesDep, body: TrainRequest 
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", _describe(exc)) from exc
     try:
-        job_id = enqueue_train(services, job)
+        job_id = enqueue_train(_connection(services), services.settings.rq.queue, job)
     except TrainingUnavailableError as exc:
         raise ApiError(503, "training_unavailable", str(exc)) from exc
     return TrainAccepted(request_id=request_id, job_id=job_id, status_url=f"/v1/jobs/{job_id}")
