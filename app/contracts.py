@@ -7,12 +7,16 @@ an int and `"3"` is not an int.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 JOB_TYPE: Final = "digits.train.v1"
+# The job functions RQ is given by name (`app` never imports `worker`): ours, and the legacy target an
+# existing bot enqueues, which the worker runs as the same job.
+TRAIN_JOB_FUNC: Final = "worker.job.process_train_job"
 LEGACY_JOB_FUNC: Final = "handwriting_ai.jobs.digits.process_train_job"
 MANIFEST_SCHEMA_VERSION: Final = "v1.1"
 MODEL_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
@@ -25,6 +29,16 @@ JOB_FAILURE_TTL_S: Final = 604800
 JOB_RETRY_MAX: Final = 2
 JOB_RETRY_INTERVALS_S: Final = (60, 300)
 
+# job.meta keys: the worker writes them, `GET /v1/jobs/{id}` (and anyone late to the events channel) reads them.
+META_REQUEST_ID: Final = "request_id"
+META_USER_ID: Final = "user_id"
+META_MODEL_ID: Final = "model_id"
+META_STAGE: Final = "stage"  # queued | preparing | training | evaluating | uploading | completed | failed | retrying
+META_PROGRESS: Final = "progress"  # the last progress event's fields
+META_LAST_EVENT: Final = "last_event"  # the last event published, as its JSON text
+META_RESULT: Final = "result"  # what the completed event carried, plus the artifacts' path
+META_ERROR: Final = "error"  # {"kind": "user" | "system", "message": str}
+
 ModelId = Annotated[StrictStr, Field(pattern=MODEL_ID_PATTERN)]
 RequestId = Annotated[StrictStr, Field(min_length=1, max_length=64)]
 UserId = Annotated[StrictInt, Field(ge=0, le=2**64 - 1)]
@@ -33,6 +47,17 @@ Sha256Hex = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def describe_errors(errors: Sequence[Mapping[str, object]], limit: int = 5) -> str:
+    """pydantic's validation errors as one line, `field.path: message; ...` (a request's `body` step left out)."""
+    parts = []
+    for err in errors[:limit]:
+        loc = err.get("loc")
+        path = ".".join(str(p) for p in loc if p != "body") if isinstance(loc, tuple | list) else ""
+        message = str(err.get("msg", "invalid"))
+        parts.append(f"{path}: {message}" if path else message)
+    return "; ".join(parts)
 
 
 class DigitsTrainJobV1(BaseModel):

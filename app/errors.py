@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Final
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.contracts import describe_errors
 from app.observability import current_request_id
+from app.prediction import NOT_READY_MESSAGE
+from app.queue import describe_training, training_in_progress
 
 _CODE_BY_STATUS: Final = {
     400: "bad_request",
@@ -44,12 +49,12 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
-def _describe_validation(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid")))
-    return "invalid request: " + "; ".join(parts)
+async def not_ready(connection: redis.Redis | None, queue_name: str) -> ApiError:
+    """503 `service_not_ready`, saying how far a training in progress is, or how to get a model."""
+    job = await asyncio.to_thread(training_in_progress, connection, queue_name)
+    if job is None:
+        return ApiError(503, "service_not_ready", NOT_READY_MESSAGE)
+    return ApiError(503, "service_not_ready", f"no model is loaded yet: {describe_training(job)}")
 
 
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:
@@ -59,7 +64,7 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return error_response(422, "invalid_request", _describe_validation(exc))
+    return error_response(422, "invalid_request", "invalid request: " + describe_errors(exc.errors()))
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:

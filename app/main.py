@@ -1,51 +1,52 @@
-"""Assembles the API: settings, services, middleware, error envelope, routers. Nothing else lives here."""
+"""Assembles the API: settings, the served model, Redis, Discord, middleware, error envelope, routers."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import redis
 from fastapi import FastAPI
 
-from app.deps import Services, make_redis
 from app.discord.runtime import DiscordRuntime
 from app.errors import install_error_handlers
 from app.observability import RequestIdMiddleware, configure_logging
 from app.routes import admin, health, jobs, models, read, train
 from app.routes import discord as discord_routes
+from app.serving import ModelServer
 from config.settings import Settings, get_settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
-    services = Services(settings=settings, redis=make_redis(settings.redis_url))
-    discord = DiscordRuntime(settings, services.redis, services.models)
+    # Short timeouts: with Redis down, /v1/train must answer 503 quickly and reads must not notice.
+    connection = None if settings.redis_url is None else redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0, health_check_interval=30)
+    model_server = ModelServer(settings)
+    discord = DiscordRuntime(settings, connection, model_server)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await services.models.start()
+        await model_server.start()
         await discord.start()
         try:
             yield
         finally:
             await discord.stop()
-            await services.models.stop()
-            if services.redis is not None:
-                services.redis.close()
+            await model_server.stop()
+            if connection is not None:
+                connection.close()
 
     app = FastAPI(title="handwriting-ai", version="0.1.0", lifespan=lifespan)
-    app.state.services = services
+    app.state.settings = settings
+    app.state.models = model_server
+    app.state.redis = connection
     app.state.discord = discord
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
-    app.include_router(health.router)
-    app.include_router(train.router)
-    app.include_router(jobs.router)
-    app.include_router(read.router)
-    app.include_router(models.router)
-    app.include_router(admin.router)
-    app.include_router(discord_routes.router)
+    for router in (health, train, jobs, read, models, admin, discord_routes):
+        app.include_router(router.router)
     return app
 
 

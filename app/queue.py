@@ -1,8 +1,8 @@
 """The one way training is started (`enqueue_train`) and the one way a job's state is read (`read_job`).
 
 RQ is wrapped here, typed, so routes and the Discord handler never touch it. A job's status and
-progress live in Redis as RQ's `job.meta`, under the keys named below; the worker writes them and
-`read_job` (and anyone late to the events channel) reads them.
+progress live in Redis as RQ's `job.meta`, under the keys app.contracts names; the worker writes them
+and `read_job` (and anyone late to the events channel) reads them.
 """
 
 from __future__ import annotations
@@ -23,22 +23,16 @@ from app.contracts import (
     JOB_RETRY_INTERVALS_S,
     JOB_RETRY_MAX,
     JOB_TIMEOUT_S,
+    META_ERROR,
+    META_MODEL_ID,
+    META_PROGRESS,
+    META_REQUEST_ID,
+    META_RESULT,
+    META_STAGE,
+    META_USER_ID,
+    TRAIN_JOB_FUNC,
     DigitsTrainJobV1,
 )
-from app.deps import Services
-
-# Our worker's job function. `app` never imports `worker`, so RQ gets the dotted name.
-TRAIN_JOB_FUNC: Final = "worker.job.process_train_job"
-
-# job.meta keys (written by the worker, read here)
-META_REQUEST_ID: Final = "request_id"
-META_USER_ID: Final = "user_id"
-META_MODEL_ID: Final = "model_id"
-META_STAGE: Final = "stage"  # queued | preparing | training | evaluating | uploading | completed | failed | retrying
-META_PROGRESS: Final = "progress"  # the last progress event's fields
-META_LAST_EVENT: Final = "last_event"  # the last event published, as its JSON text
-META_RESULT: Final = "result"  # what the completed event carried, plus the artifacts' path
-META_ERROR: Final = "error"  # {"kind": "user" | "system", "message": str}
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -46,6 +40,7 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 def latest_job_key(queue: str) -> str:
     """Redis key holding the id of the last job enqueued on `queue` (what a 503 reports on)."""
     return f"digits:{queue}:latest_job"
+
 
 JobState = Literal["queued", "started", "finished", "failed"]
 _STATE_BY_RQ: Final[dict[str, JobState]] = {
@@ -60,18 +55,11 @@ _STATE_BY_RQ: Final[dict[str, JobState]] = {
 }
 
 
+NOT_CONFIGURED: Final = "Training is not configured: REDIS_URL is not set."
+
+
 class TrainingUnavailableError(Exception):
     """Training cannot be started now (Redis down or unreachable). The message is fit for users."""
-
-
-class TrainingNotConfiguredError(TrainingUnavailableError):
-    """REDIS_URL is unset: this deployment has no training."""
-
-
-def _connection(services: Services) -> redis.Redis:
-    if services.redis is None:
-        raise TrainingNotConfiguredError("Training is not configured: REDIS_URL is not set.")
-    return services.redis
 
 
 def enqueue_train(connection: redis.Redis, queue_name: str, job: DigitsTrainJobV1) -> str:
@@ -127,9 +115,8 @@ def _dict_or_none(value: object) -> dict[str, object] | None:
     return None
 
 
-def read_job(services: Services, job_id: str) -> JobView | None:
+def read_job(connection: redis.Redis, queue_name: str, job_id: str) -> JobView | None:
     """The job's state, or None when no training job has that id (expired jobs included)."""
-    connection = _connection(services)
     if not _JOB_ID.match(job_id):
         return None
     try:
@@ -137,7 +124,7 @@ def read_job(services: Services, job_id: str) -> JobView | None:
             job = Job.fetch(job_id, connection=connection)
         except NoSuchJobError:
             return None
-        if job.origin != services.settings.rq.queue:
+        if job.origin != queue_name:
             return None
         rq_status = str(job.get_status(refresh=False).value)
         meta = job.get_meta(refresh=False)
@@ -168,15 +155,15 @@ def read_job(services: Services, job_id: str) -> JobView | None:
     )
 
 
-def training_in_progress(services: Services) -> JobView | None:
+def training_in_progress(connection: redis.Redis | None, queue_name: str) -> JobView | None:
     """The last enqueued job while it is queued or running; None otherwise, or when Redis can't tell."""
-    if services.redis is None:
+    if connection is None:
         return None
     try:
-        raw = services.redis.get(latest_job_key(services.settings.rq.queue))
+        raw = connection.get(latest_job_key(queue_name))
         if not isinstance(raw, bytes):
             return None
-        view = read_job(services, raw.decode("ascii", errors="replace"))
+        view = read_job(connection, queue_name, raw.decode("ascii", errors="replace"))
     except (redis.RedisError, TrainingUnavailableError):
         return None
     return view if view is not None and view.status in ("queued", "started") else None

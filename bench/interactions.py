@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 from nacl.signing import SigningKey
 
-from app.redis_embedded import EmbeddedRedis, free_port
+from worker.cli.redis_embedded import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from app.redis_embedded import EmbeddedRedis
 from tests.discord_support import Signer
 from tests.fake_discord import FakeDiscord
 from tests.support import LiveProcess, start_api
+from worker.cli.redis_embedded import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ import uvicorn
 from fastapi import FastAPI
 from nacl.signing import SigningKey
 
-from app.redis_embedded import free_port
 from config.settings import Settings
+from worker.cli.redis_embedded import free_port
 
 
 class Signer:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from app.redis_embedded import free_port
+from worker.cli.redis_embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.redis_embedded import free_port
 from tests.discord_support import ServedApp, Signer, read_command, serve, settings_for, snowflake
 from tests.fake_discord import FakeDiscord, not_found, rate_limited
 from tests.images import draw_digit, encode
 from tests.serving_support import API_KEY, manifest, upload_files, weights_bytes
+from worker.cli.redis_embedded import free_port
 
 EDIT = r"^/webhooks/424242/[^/]+/messages/@original$"
 PNG = encode(draw_digit("7"))

@@ -14,9 +14,9 @@ import redis
 
 from app.contracts import TrainCompletedV1, TrainFailedV1, TrainProgressV1, TrainStartedV1, dump_event
 from app.discord.state import TrainRecord, train_record_key
-from app.redis_embedded import EmbeddedRedis, free_port
 from tests.discord_support import ServedApp, Signer, command, serve, settings_for, snowflake, wait_until
 from tests.fake_discord import FakeDiscord, Scripted
+from worker.cli.redis_embedded import EmbeddedRedis, free_port
 
 CHANNEL = "digits:events"
 EDIT = r"^/webhooks/424242/[^/]+/messages/@original$"

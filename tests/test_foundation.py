@@ -11,8 +11,8 @@ import torch
 from pydantic import ValidationError
 
 from app.network import build_model
-from app.redis_embedded import EmbeddedRedis
 from config.settings import Settings
+from worker.cli.redis_embedded import EmbeddedRedis
 
 
 def test_defaults_match_design() -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.redis_embedded import free_port
 from tests.support import ROOT, clean_env
+from worker.cli.redis_embedded import free_port
 
 pytestmark = pytest.mark.newcomer
 

@@ -10,12 +10,11 @@ import httpx
 import redis
 from rq.job import Job
 
-from app.contracts import DigitsTrainJobV1
-from app.queue import TRAIN_JOB_FUNC
-from app.redis_embedded import free_port
+from app.contracts import TRAIN_JOB_FUNC, DigitsTrainJobV1
 from tests.serving_support import digit_png, install_model
 from tests.support import LiveProcess
 from tests.train_support import API_KEY
+from worker.cli.redis_embedded import free_port
 
 StartApi = Callable[[dict[str, str]], LiveProcess]
 KEY = {"X-Api-Key": API_KEY}

@@ -26,13 +26,11 @@ from app.contracts import (
     TrainFailedV1,
     TrainProgressV1,
 )
-from app.deps import Services
-from app.queue import _connection, enqueue_train, read_job
-from app.redis_embedded import free_port
-from config.settings import Settings
+from app.queue import enqueue_train, read_job
 from tests.serving_support import digit_png
 from tests.support import LiveProcess
 from tests.train_support import API_KEY, TINY_TRAINING, EventListener, start_worker, wait_until
+from worker.cli.redis_embedded import free_port
 
 StartApi = Callable[[dict[str, str]], LiveProcess]
 
@@ -61,10 +59,10 @@ def workers(tmp_path: Path, redis_url: str) -> Iterator[Callable[[dict[str, str]
 
 
 @pytest.fixture
-def services(redis_url: str) -> Iterator[Services]:
-    conn = redis.Redis.from_url(redis_url)
-    yield Services(settings=Settings(_env_file=None, redis_url=redis_url), redis=conn)
-    conn.close()
+def conn(redis_url: str) -> Iterator[redis.Redis]:
+    connection = redis.Redis.from_url(redis_url)
+    yield connection
+    connection.close()
 
 
 def _scheduled(conn: redis.Redis) -> int:
@@ -134,12 +132,10 @@ def test_train_upload_activate_read(
 
 
 def test_legacy_target_runs_and_rq_sees_the_worker(
-    workers: Callable[[dict[str, str]], LiveProcess], events: EventListener, services: Services, redis_url: str,
+    workers: Callable[[dict[str, str]], LiveProcess], events: EventListener, conn: redis.Redis, redis_url: str,
     data_dir: Path,
 ) -> None:
     workers({"DATA_DIR": str(data_dir)})
-    conn = services.redis
-    assert conn is not None
     info = subprocess.run([str(Path(sys.executable).parent / "rq"), "info", "--url", redis_url],
                           capture_output=True, text=True, timeout=60)
     assert "1 workers" in info.stdout or "1 worker" in info.stdout, info.stdout + info.stderr
@@ -151,18 +147,16 @@ def test_legacy_target_runs_and_rq_sees_the_worker(
     assert isinstance(completed, TrainCompletedV1)
     assert (completed.request_id, completed.user_id, completed.model_id) == ("req-1", 5, "legacy_m")
     assert completed.activated is False  # no HANDWRITING_API_KEY for this worker: nothing uploaded
-    view = read_job(services, job.id)
+    view = read_job(conn, "digits", job.id)
     assert view is not None and view.status == "finished"
     assert view.result is not None and "HANDWRITING_API_KEY" in str(view.result["upload_note"])
     assert events.for_job(job.id)[0].type == "digits.train.started.v1"
 
 
 def test_invalid_payload_fails_at_once_as_a_user_error_without_retry(
-    workers: Callable[[dict[str, str]], LiveProcess], events: EventListener, services: Services, data_dir: Path,
+    workers: Callable[[dict[str, str]], LiveProcess], events: EventListener, conn: redis.Redis, data_dir: Path,
 ) -> None:
     workers({"DATA_DIR": str(data_dir)})
-    conn = services.redis
-    assert conn is not None
     bad = {**_payload(), "epochs": 0, "augment": "yes"}
     job = Queue("digits", connection=conn).enqueue(LEGACY_JOB_FUNC, bad, retry=Retry(max=2, interval=[1, 1]))
     failed = events.wait_for(job.id, "digits.train.failed.v1", timeout=60)
@@ -170,7 +164,7 @@ def test_invalid_payload_fails_at_once_as_a_user_error_without_retry(
     assert failed.error_kind == "user" and "epochs" in failed.message and "augment" in failed.message
     assert (failed.request_id, failed.user_id) == ("req-1", 5)
     assert [e.type for e in events.for_job(job.id)] == ["digits.train.failed.v1"]  # no training started
-    view = read_job(services, job.id)
+    view = read_job(conn, "digits", job.id)
     assert view is not None and view.status == "failed"
     assert view.error == {"kind": "user", "message": failed.message}
     assert Job.fetch(job.id, connection=conn).get_status().value == "failed"
@@ -179,13 +173,12 @@ def test_invalid_payload_fails_at_once_as_a_user_error_without_retry(
 
 
 def test_upload_target_down_retries_then_fails_keeping_the_artifacts(
-    workers: Callable[[dict[str, str]], LiveProcess], events: EventListener, services: Services, data_dir: Path,
+    workers: Callable[[dict[str, str]], LiveProcess], events: EventListener, conn: redis.Redis, data_dir: Path,
 ) -> None:
     worker = workers({"DATA_DIR": str(data_dir), "HANDWRITING_API_URL": f"http://127.0.0.1:{free_port()}",
                       "HANDWRITING_API_KEY": API_KEY, "TRAIN__UPLOAD_ATTEMPTS": "3",
                       "TRAIN__UPLOAD_BACKOFF_S": "0.05"})
-    job = DigitsTrainJobV1(request_id="req-up", user_id=1, batch_size=8)
-    job_id = enqueue_train(_connection(services), services.settings.rq.queue, job)
+    job_id = enqueue_train(conn, "digits", DigitsTrainJobV1(request_id="req-up", user_id=1, batch_size=8))
     failed = events.wait_for(job_id, "digits.train.failed.v1")
     assert isinstance(failed, TrainFailedV1)
     assert failed.error_kind == "system" and "after 3 attempts" in failed.message
@@ -194,23 +187,18 @@ def test_upload_target_down_retries_then_fails_keeping_the_artifacts(
     assert (kept / "manifest.json").is_file()
     log = worker.log()
     assert "upload attempt 1/3" in log and "upload attempt 2/3" in log
-    view = read_job(services, job_id)
+    view = read_job(conn, "digits", job_id)
     assert view is not None and view.status == "failed" and view.error is not None
     assert view.error["message"] == failed.message
-    conn = services.redis
-    assert conn is not None
     assert _scheduled(conn) == 0, "a failed upload is not re-trained"
 
 
 def test_work_horse_killed_mid_training_ends_failed_with_an_event(
-    workers: Callable[[dict[str, str]], LiveProcess], events: EventListener, services: Services, data_dir: Path,
+    workers: Callable[[dict[str, str]], LiveProcess], events: EventListener, conn: redis.Redis, data_dir: Path,
 ) -> None:
     worker = workers({"DATA_DIR": str(data_dir), "TRAIN__LIMIT": "400"})
-    job = DigitsTrainJobV1(request_id="req-kill", user_id=9, batch_size=4)
-    job_id = enqueue_train(_connection(services), services.settings.rq.queue, job)
+    job_id = enqueue_train(conn, "digits", DigitsTrainJobV1(request_id="req-kill", user_id=9, batch_size=4))
     events.wait_for(job_id, "digits.train.progress.v1")
-    conn = services.redis
-    assert conn is not None
     pid = Job.fetch(job_id, connection=conn).get_meta()["pid"]
     assert isinstance(pid, int) and pid != worker.proc.pid
     os.kill(pid, signal.SIGKILL)
@@ -219,7 +207,7 @@ def test_work_horse_killed_mid_training_ends_failed_with_an_event(
     assert isinstance(failed, TrainFailedV1)
     assert failed.error_kind == "system" and "SIGKILL" in failed.message
     assert (failed.request_id, failed.user_id) == ("req-kill", 9)
-    view = read_job(services, job_id)
+    view = read_job(conn, "digits", job_id)
     assert view is not None and view.status == "failed" and view.stage == "failed"
     assert view.progress is not None and view.progress["epoch"] == 1  # what it got to is kept
     assert _scheduled(conn) == 0

@@ -17,9 +17,9 @@ import torch
 from app.contracts import DigitsTrainJobV1, ManifestV1_1
 from app.network import build_model
 from app.preprocess import PREPROCESS_HASH
-from app.redis_embedded import free_port
 from worker.artifacts import write_artifacts
 from worker.augment import Modifiers
+from worker.cli.redis_embedded import free_port
 from worker.data import MnistSplits, load_mnist
 from worker.train import Progress, TrainConfig, TrainOutcome, train
 from worker.upload import UploadError, upload_artifacts

@@ -11,14 +11,6 @@ import redis
 from rq.job import Job
 
 from app.contracts import (
-    MODEL_ID_PATTERN,
-    TrainCompletedV1,
-    TrainFailedV1,
-    TrainProgressV1,
-    TrainStartedV1,
-    dump_event,
-)
-from app.queue import (
     META_ERROR,
     META_LAST_EVENT,
     META_MODEL_ID,
@@ -26,6 +18,12 @@ from app.queue import (
     META_REQUEST_ID,
     META_STAGE,
     META_USER_ID,
+    MODEL_ID_PATTERN,
+    TrainCompletedV1,
+    TrainFailedV1,
+    TrainProgressV1,
+    TrainStartedV1,
+    dump_event,
 )
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,8 @@ from pydantic import ValidationError
 from rq import get_current_job
 from rq.job import Job
 
-from app.contracts import DigitsTrainJobV1
+from app.contracts import META_ERROR, META_RESULT, DigitsTrainJobV1, describe_errors
 from app.network import available_cores
-from app.queue import META_ERROR, META_RESULT
 from config.settings import Settings, get_settings
 from worker.artifacts import write_artifacts
 from worker.augment import Modifiers
@@ -157,10 +156,7 @@ def parse_payload(payload: object) -> DigitsTrainJobV1:
                                      f"{type(payload).__name__}")
         return DigitsTrainJobV1.model_validate(payload)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'payload'}: {err['msg']}" for err in exc.errors()[:5]
-        )
-        raise JobFailure("user", f"invalid digits.train.v1 payload: {problems}") from exc
+        raise JobFailure("user", f"invalid digits.train.v1 payload: {describe_errors(exc.errors())}") from exc
 
 
 def _record_failure(rq_job: Job | None, failure: JobFailure) -> None:

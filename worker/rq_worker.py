@@ -20,8 +20,7 @@ from rq import Queue, Worker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from app.contracts import LEGACY_JOB_FUNC
-from app.queue import META_ERROR, META_RESULT, META_STAGE, TRAIN_JOB_FUNC
+from app.contracts import LEGACY_JOB_FUNC, META_ERROR, META_RESULT, META_STAGE, TRAIN_JOB_FUNC
 from config.settings import Settings, get_settings
 from worker.events import JobReporter, salvage_ids, save_meta
 

@@ -7,7 +7,6 @@ removed. Guild commands update at once; global ones can take a while to reach ev
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -16,7 +15,6 @@ import httpx
 
 from app.discord.client import USER_AGENT, describe_failure
 from app.discord.interaction import JsonObject
-from config.settings import get_settings
 
 OPTION_INTEGER: Final = 4
 OPTION_BOOLEAN: Final = 5
@@ -184,22 +182,3 @@ def sync_commands(
     before_list = [c for c in before if isinstance(c, dict)] if isinstance(before, list) else []
     after_list = [c for c in after if isinstance(c, dict)] if isinstance(after, list) else list(COMMANDS)
     return diff_commands(scope, before_list, after_list)
-
-
-def run_discord_sync(guild_id: str | None) -> int:
-    """`digits discord-sync [--guild ID]`: exit status 0 when registered, 1 with a readable reason otherwise."""
-    settings = get_settings()
-    token = settings.discord_bot_token.get_secret_value() if settings.discord_bot_token else None
-    try:
-        report = sync_commands(
-            api_base=settings.discord_api_base,
-            application_id=settings.discord_application_id,
-            bot_token=token,
-            guild_id=guild_id,
-        )
-    except SyncError as exc:
-        print(f"discord-sync: {exc}", file=sys.stderr)
-        return 1
-    for line in report.lines():
-        print(line)
-    return 0

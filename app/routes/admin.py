@@ -31,8 +31,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 
 from app.auth import ApiKeyDep
-from app.contracts import MANIFEST_SCHEMA_VERSION, MODEL_ID_PATTERN, ManifestV1_1
-from app.deps import ServicesDep
+from app.contracts import MANIFEST_SCHEMA_VERSION, MODEL_ID_PATTERN, ManifestV1_1, describe_errors
+from app.deps import ModelsDep, SettingsDep
 from app.errors import ApiError
 from app.multipart import (
     BodyTooLargeError,
@@ -115,9 +115,7 @@ def parse_manifest(raw: bytes) -> ManifestV1_1:
     try:
         return ManifestV1_1.model_validate_json(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()[:5]
-        )
+        problems = describe_errors(exc.errors())
         raise _refuse("invalid_manifest", f"the manifest is not a valid manifest v1.1: {problems}") from exc
 
 
@@ -157,11 +155,11 @@ def validate_upload(form: Form) -> tuple[ManifestV1_1, str, bool]:
 
 
 @router.post("/v1/admin/models/upload", response_model=UploadResponse, openapi_extra=_OPENAPI_BODY)
-async def upload_model(request: Request, services: ServicesDep, _: ApiKeyDep) -> UploadResponse:
-    api = services.settings.api
+async def upload_model(request: Request, models: ModelsDep, settings: SettingsDep, _: ApiKeyDep) -> UploadResponse:
+    api = settings.api
     max_total = api.manifest_max_bytes + api.model_max_bytes + _MULTIPART_OVERHEAD
     check_content_length(request, max_total)
-    store = services.models.store
+    store = models.store
     incoming = await asyncio.to_thread(store.new_incoming)
     try:
         try:
@@ -184,7 +182,7 @@ async def upload_model(request: Request, services: ServicesDep, _: ApiKeyDep) ->
             raise _refuse("malformed_multipart", exc.message) from exc
         manifest, sha256, activate = validate_upload(form)
         await asyncio.to_thread(fsync_path, incoming / WEIGHTS_FILE)
-        stored, activated = await services.models.add_version(incoming, manifest, sha256, activate=activate)
+        stored, activated = await models.add_version(incoming, manifest, sha256, activate=activate)
     except CandidateError as exc:
         raise _refuse(exc.code, exc.message) from exc
     except VersionExistsError as exc:
@@ -196,8 +194,8 @@ async def upload_model(request: Request, services: ServicesDep, _: ApiKeyDep) ->
 
 
 @router.get("/v1/admin/models", response_model=ModelsListing)
-async def list_models(services: ServicesDep, _: ApiKeyDep) -> ModelsListing:
-    store = services.models.store
+async def list_models(models: ModelsDep, _: ApiKeyDep) -> ModelsListing:
+    store = models.store
     versions = await asyncio.to_thread(store.versions)
     active = await asyncio.to_thread(store.active)
     listed = [
@@ -216,9 +214,9 @@ async def list_models(services: ServicesDep, _: ApiKeyDep) -> ModelsListing:
 
 
 @router.post("/v1/admin/models/{model_id}/versions/{version}/activate", response_model=ActivateResponse)
-async def activate_version(model_id: str, version: str, services: ServicesDep, _: ApiKeyDep) -> ActivateResponse:
+async def activate_version(model_id: str, version: str, models: ModelsDep, _: ApiKeyDep) -> ActivateResponse:
     try:
-        stored = await services.models.activate(model_id, version)
+        stored = await models.activate(model_id, version)
     except VersionNotFoundError as exc:
         raise _refuse("not_found", str(exc), 404) from exc
     except CandidateError as exc:

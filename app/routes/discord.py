@@ -6,14 +6,14 @@ exactly as received, to the protocol, which verifies, routes and builds the answ
 
 from __future__ import annotations
 
-from typing import Annotated, Final
+from typing import Final
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.background import BackgroundTask
 
-from app.discord.runtime import DiscordRuntime
+from app.deps import DiscordDep
 from app.discord.verify import SIGNATURE_HEADER, TIMESTAMP_HEADER
 from app.errors import error_response
 from app.observability import current_request_id, new_request_id
@@ -22,15 +22,6 @@ from app.observability import current_request_id, new_request_id
 MAX_BODY_BYTES: Final = 1024 * 1024
 
 router = APIRouter(tags=["discord"])
-
-
-def get_discord(request: Request) -> DiscordRuntime:
-    runtime = request.app.state.discord
-    assert isinstance(runtime, DiscordRuntime)
-    return runtime
-
-
-DiscordDep = Annotated[DiscordRuntime, Depends(get_discord)]
 
 
 @router.post("/discord/interactions", summary="Discord HTTP interactions endpoint (signed by Discord)")

@@ -6,10 +6,10 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from app.contracts import MANIFEST_SCHEMA_VERSION
-from app.deps import ServicesDep
+from app.deps import ModelsDep, RedisDep, SettingsDep
+from app.errors import not_ready
 from app.network import ARCH
 from app.preprocess import PREPROCESS_HASH
-from app.routes.read import not_ready
 
 router = APIRouter(tags=["health"])
 
@@ -20,11 +20,11 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(services: ServicesDep) -> dict[str, str]:
+async def readyz(models: ModelsDep, connection: RedisDep, settings: SettingsDep) -> dict[str, str]:
     """200 once a model is loaded and reads can be answered; 503 `service_not_ready` until then."""
-    manifest = services.models.active_manifest()
-    if manifest is None or not services.models.is_ready():
-        raise await not_ready(services)
+    manifest = models.active_manifest()
+    if manifest is None or not models.is_ready():
+        raise await not_ready(connection, settings.rq.queue)
     return {"status": "ready", "model_id": manifest.model_id, "version": manifest.version}
 
 

@@ -7,7 +7,6 @@ run off the event loop.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import time
@@ -18,8 +17,8 @@ from fastapi import APIRouter, Query, Request
 from PIL import Image
 from pydantic import BaseModel
 
-from app.deps import Services, ServicesDep
-from app.errors import ApiError
+from app.deps import ModelsDep, RedisDep, SettingsDep
+from app.errors import ApiError, not_ready
 from app.multipart import (
     BodyTooLargeError,
     FileSpec,
@@ -31,7 +30,6 @@ from app.multipart import (
 from app.observability import READ_LATENCY
 from app.prediction import ModelNotReadyError, PredictionTimeoutError
 from app.preprocess import U8, PreprocessError
-from app.queue import describe_training, training_in_progress
 
 router = APIRouter(tags=["read"])
 
@@ -79,26 +77,20 @@ def check_content_length(request: Request, cap: int) -> None:
         raise ApiError(413, "too_large", f"request body of {declared} bytes is over the limit of {cap} bytes")
 
 
-async def not_ready(services: Services) -> ApiError:
-    """503 `service_not_ready`, saying how far a training in progress is, or how to get a model."""
-    job = await asyncio.to_thread(training_in_progress, services)
-    if job is None:
-        return ApiError(503, "service_not_ready", ModelNotReadyError().message)
-    return ApiError(503, "service_not_ready", f"no model is loaded yet: {describe_training(job)}")
-
-
 @router.post("/v1/read", response_model=ReadResponse, response_model_exclude_none=True, openapi_extra=_OPENAPI_BODY)
 async def read_digit(
     request: Request,
-    services: ServicesDep,
+    models: ModelsDep,
+    connection: RedisDep,
+    app_settings: SettingsDep,
     invert: Annotated[str | None, Query(description="true, false or auto (default)")] = None,
     visualize: Annotated[bool, Query(description="include the 28x28 the model saw, as a PNG")] = False,
 ) -> ReadResponse:
     started = time.perf_counter()
-    settings = services.settings.api
+    settings = app_settings.api
     invert_flag = parse_invert(invert)
-    if not services.models.is_ready():
-        raise await not_ready(services)
+    if not models.is_ready():
+        raise await not_ready(connection, app_settings.rq.queue)
     cap = settings.read_max_bytes
     check_content_length(request, cap + _MULTIPART_OVERHEAD)
     try:
@@ -119,12 +111,12 @@ async def read_digit(
         raise ApiError(400, "invalid_image", "the file part named 'file' is empty")
 
     try:
-        prediction = await services.models.read_digit(upload.data, invert=invert_flag)
+        prediction = await models.read_digit(upload.data, invert=invert_flag)
     except PreprocessError as exc:
         status = 415 if exc.code == "unsupported_media_type" else 400
         raise ApiError(status, exc.code, exc.message) from exc
     except ModelNotReadyError:
-        raise await not_ready(services) from None
+        raise await not_ready(connection, app_settings.rq.queue) from None
     except PredictionTimeoutError as exc:
         raise ApiError(504, "timeout", exc.message) from exc
 

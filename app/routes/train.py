@@ -6,11 +6,11 @@ from fastapi import APIRouter, status
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.auth import ApiKeyDep
-from app.contracts import DigitsTrainJobV1
-from app.deps import ServicesDep
+from app.contracts import DigitsTrainJobV1, describe_errors
+from app.deps import RedisDep, SettingsDep
 from app.errors import ApiError
 from app.observability import current_request_id, new_request_id
-from app.queue import TrainingUnavailableError, _connection, enqueue_train
+from app.queue import NOT_CONFIGURED, TrainingUnavailableError, enqueue_train
 
 router = APIRouter(tags=["training"])
 
@@ -36,13 +36,10 @@ class TrainAccepted(BaseModel):
     status_url: str
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()[:5]]
-    return "invalid training request: " + "; ".join(parts)
-
-
 @router.post("/v1/train", status_code=status.HTTP_202_ACCEPTED, response_model=TrainAccepted)
-def create_training_job(_: ApiKeyDep, services: ServicesDep, body: TrainRequest | None = None) -> TrainAccepted:
+def create_training_job(
+    _: ApiKeyDep, connection: RedisDep, settings: SettingsDep, body: TrainRequest | None = None
+) -> TrainAccepted:
     """Queue a digits.train.v1 job; 503 `training_unavailable` when Redis is not configured or not reachable."""
     overrides = body.model_dump(exclude_unset=True) if body is not None else {}
     request_id = current_request_id() or new_request_id()
@@ -50,9 +47,11 @@ def create_training_job(_: ApiKeyDep, services: ServicesDep, body: TrainRequest 
         job = DigitsTrainJobV1.model_validate({**overrides, "request_id": request_id,
                                                "user_id": overrides.get("user_id", 0) or 0})
     except ValidationError as exc:
-        raise ApiError(422, "invalid_request", _describe(exc)) from exc
+        raise ApiError(422, "invalid_request", "invalid training request: " + describe_errors(exc.errors())) from exc
+    if connection is None:
+        raise ApiError(503, "training_unavailable", NOT_CONFIGURED)
     try:
-        job_id = enqueue_train(_connection(services), services.settings.rq.queue, job)
+        job_id = enqueue_train(connection, settings.rq.queue, job)
     except TrainingUnavailableError as exc:
         raise ApiError(503, "training_unavailable", str(exc)) from exc
     return TrainAccepted(request_id=request_id, job_id=job_id, status_url=f"/v1/jobs/{job_id}")
