@@ -171,7 +171,7 @@ class ProgressRelay:
         self.channel = channel
         self.client = client
         self.interval_s = interval_s
-        self.replica_id = uuid.uuid4().hex
+        self.replica_id = uuid.uuid4().hex  # names this replica when it claims a job's relay
         self.subscribed = asyncio.Event()  # set while subscribed; tests and readiness can wait on it
         self._redis: aioredis.Redis | None = None
         self._task: asyncio.Task[None] | None = None
