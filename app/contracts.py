@@ -20,6 +20,10 @@ TRAIN_JOB_FUNC: Final = "worker.job.process_train_job"
 LEGACY_JOB_FUNC: Final = "handwriting_ai.jobs.digits.process_train_job"
 MANIFEST_SCHEMA_VERSION: Final = "v1.1"
 MODEL_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+VERSION_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# The files of a stored or uploaded model: the weights and manifest v1.1 beside them.
+WEIGHTS_FILE: Final = "model.pt"
+MANIFEST_FILE: Final = "manifest.json"
 N_CLASSES: Final = 10
 
 # RQ options every training job is enqueued with.
@@ -148,7 +152,7 @@ class ManifestV1_1(BaseModel):
     model_id: ModelId
     arch: Annotated[StrictStr, Field(min_length=1, max_length=64)]
     n_classes: Annotated[StrictInt, Field(ge=2, le=1000)]
-    version: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    version: Annotated[StrictStr, Field(pattern=VERSION_PATTERN)]
     created_at: datetime
     preprocess_hash: Sha256Hex
     val_acc: Annotated[StrictFloat, Field(ge=0, le=1)]

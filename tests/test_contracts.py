@@ -63,8 +63,9 @@ def test_job_round_trips_through_json() -> None:
     ],
 )
 def test_job_accepts_edges(changes: dict[str, object]) -> None:
-    DigitsTrainJobV1.model_validate(job(**changes))
-    DigitsTrainJobV1.model_validate_json(json.dumps(job(**changes)))
+    for parsed in (DigitsTrainJobV1.model_validate(job(**changes)),
+                   DigitsTrainJobV1.model_validate_json(json.dumps(job(**changes)))):
+        assert {name: getattr(parsed, name) for name in changes} == changes
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,9 @@ import redis
 
 from app.contracts import TrainCompletedV1, TrainFailedV1, TrainProgressV1, TrainStartedV1, dump_event
 from app.discord.state import TrainRecord, train_record_key
-from tests.discord_support import ServedApp, Signer, command, serve, settings_for, snowflake, wait_until
+from tests.discord_support import Signer, command, settings_for, snowflake
 from tests.fake_discord import FakeDiscord, Scripted
+from tests.support import ServedApp, serve, wait_until
 from worker.cli.redis_embedded import EmbeddedRedis, free_port
 
 CHANNEL = "digits:events"

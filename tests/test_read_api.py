@@ -19,7 +19,7 @@ from PIL import Image
 
 from app.preprocess import PREPROCESS_HASH
 from tests.serving_support import digit_png, install_model, make_settings, png_bytes, running_app
-from tests.support import LiveProcess
+from tests.support import ServedApp
 
 pytestmark = pytest.mark.anyio
 
@@ -223,10 +223,10 @@ async def test_active_model_readyz_version_and_metrics(client: httpx.AsyncClient
 
 
 def test_live_server_reads_and_refuses_a_declared_oversize_body_before_reading_it(
-    data_dir: Path, start_api_process: Callable[[dict[str, str]], LiveProcess]
+    data_dir: Path, served_app: Callable[..., ServedApp]
 ) -> None:
     install_model(data_dir, "v7", forced_digit=7)
-    live = start_api_process({"DATA_DIR": str(data_dir)})
+    live = served_app(data_dir=data_dir)
     response = httpx.post(live.url + "/v1/read", files={"file": ("d.png", PNG, "image/png")}, timeout=30)
     assert response.status_code == 200 and response.json()["digit"] == 7
 

@@ -28,11 +28,9 @@ from app.contracts import (
 )
 from app.queue import enqueue_train, read_job
 from tests.serving_support import digit_png
-from tests.support import LiveProcess
-from tests.train_support import API_KEY, TINY_TRAINING, EventListener, start_worker, wait_until
+from tests.support import LiveProcess, ServedApp, wait_until
+from tests.train_support import API_KEY, TINY_TRAINING, EventListener, start_worker
 from worker.cli.redis_embedded import free_port
-
-StartApi = Callable[[dict[str, str]], LiveProcess]
 
 
 @pytest.fixture
@@ -77,10 +75,10 @@ def _payload(model_id: str = "mnist_resnet18_v1") -> dict[str, object]:
 
 
 def test_train_upload_activate_read(
-    start_api_process: StartApi, workers: Callable[[dict[str, str]], LiveProcess], events: EventListener,
+    served_app: Callable[..., ServedApp], workers: Callable[[dict[str, str]], LiveProcess], events: EventListener,
     redis_url: str, data_dir: Path,
 ) -> None:
-    api = start_api_process({"REDIS_URL": redis_url, "DATA_DIR": str(data_dir), "HANDWRITING_API_KEY": API_KEY})
+    api = served_app(redis_url=redis_url, data_dir=data_dir, handwriting_api_key=API_KEY)
     client = httpx.Client(base_url=api.url, timeout=30)
     r = client.post("/v1/train", headers={"X-Api-Key": API_KEY, "X-Request-ID": "req-e2e"},
                     json={"batch_size": 8, "seed": 3, "user_id": 77, "model_id": "digits_e2e"})
@@ -97,7 +95,7 @@ def test_train_upload_activate_read(
         seen.append(client.get(f"/v1/jobs/{job_id}").json())
         return seen[-1]["status"] in ("finished", "failed")
 
-    wait_until(finished, what="the job to end")
+    wait_until(finished, timeout=180, what="the job to end")
     final = seen[-1]
     assert final["status"] == "finished", final
     statuses = [s["status"] for s in seen]

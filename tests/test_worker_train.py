@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import io
 import json
 import threading
 from collections.abc import Iterator
@@ -17,11 +16,11 @@ import torch
 from app.contracts import DigitsTrainJobV1, ManifestV1_1
 from app.network import build_model
 from app.preprocess import PREPROCESS_HASH
+from config.settings import TrainSettings
 from worker.artifacts import write_artifacts
-from worker.augment import Modifiers
 from worker.cli.redis_embedded import free_port
 from worker.data import MnistSplits, load_mnist
-from worker.train import Progress, TrainConfig, TrainOutcome, train
+from worker.train import Progress, TrainOutcome, pick_hardware, train
 from worker.upload import UploadError, upload_artifacts
 
 
@@ -30,8 +29,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> MnistSplits:
     return load_mnist(tmp_path_factory.mktemp("cache"), val_size=8, limit=24)
 
 
-CFG = TrainConfig(epochs=2, batch_size=8, lr=0.002, seed=7, augment=True, threads=2, progress_every=2,
-                  modifiers=Modifiers(noise_prob=0.02, dots_prob=0.3, blur_prob=0.3, morph_prob=0.3))
+JOB = DigitsTrainJobV1(request_id="t", user_id=0, epochs=2, batch_size=8, lr=0.002, seed=7, augment=True)
+SETTINGS = TrainSettings(threads=2, progress_every=2, noise_prob=0.02, dots_prob=0.3, blur_prob=0.3, morph_prob=0.3)
+HARDWARE = pick_hardware(SETTINGS)
 
 
 PROGRESS: list[Progress] = []
@@ -40,15 +40,15 @@ PROGRESS: list[Progress] = []
 @pytest.fixture(scope="module")
 def outcome(tiny: MnistSplits) -> TrainOutcome:
     PROGRESS.clear()
-    return train(CFG, tiny, on_progress=PROGRESS.append)
+    return train(JOB, SETTINGS, tiny, HARDWARE, on_progress=PROGRESS.append)
 
 
 def test_same_seed_gives_the_same_weights_and_another_seed_does_not(tiny: MnistSplits, outcome: TrainOutcome) -> None:
-    again = train(CFG, tiny)
+    again = train(JOB, SETTINGS, tiny, HARDWARE)
     assert outcome.state_dict.keys() == again.state_dict.keys()
     for key, value in outcome.state_dict.items():
         assert torch.equal(value, again.state_dict[key]), key
-    other = train(TrainConfig(**{**CFG.__dict__, "seed": 8, "epochs": 1}), tiny)
+    other = train(JOB.model_copy(update={"seed": 8, "epochs": 1}), SETTINGS, tiny, HARDWARE)
     assert not torch.equal(other.state_dict["fc.weight"], outcome.state_dict["fc.weight"])
 
 
@@ -164,10 +164,3 @@ def test_upload_to_nothing_retries_then_gives_up(artifacts: object) -> None:
     with pytest.raises(UploadError, match=r"after 3 attempts.*Connect"):
         upload_artifacts(artifacts, url, "k", attempts=3, backoff_s=1, sleep=sleeps.append)
     assert sleeps == [1, 2]
-
-
-def test_weights_round_trip_through_bytes(outcome: TrainOutcome) -> None:
-    buf = io.BytesIO()
-    torch.save(outcome.state_dict, buf)
-    buf.seek(0)
-    assert set(torch.load(buf, weights_only=True)) == set(outcome.state_dict)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -80,11 +79,3 @@ def start_worker(env: dict[str, str], log_dir: Path, redis_url: str, timeout: fl
     live.stop()
     raise RuntimeError(f"worker did not register:\n{live.log()}")
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 180.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,13 +12,19 @@ from pathlib import Path
 
 import torch
 
-from app.contracts import MANIFEST_SCHEMA_VERSION, N_CLASSES, DigitsTrainJobV1, ManifestV1_1, utc_now
+from app.contracts import (
+    MANIFEST_FILE,
+    MANIFEST_SCHEMA_VERSION,
+    N_CLASSES,
+    WEIGHTS_FILE,
+    DigitsTrainJobV1,
+    ManifestV1_1,
+    utc_now,
+)
 from app.network import ARCH
 from app.preprocess import PREPROCESS_HASH
+from app.store import write_atomic
 from worker.train import TrainOutcome
-
-WEIGHTS_NAME = "model.pt"
-MANIFEST_NAME = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -37,15 +42,6 @@ class Artifacts:
 def new_version(now: datetime) -> str:
     """Unique per run and sortable by time: 20250101T120000Z-3f9a1c2b."""
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_artifacts(
@@ -86,8 +82,8 @@ def write_artifacts(
         "settings": settings_used,
     }
     ManifestV1_1.model_validate_json(json.dumps(manifest))  # our own output honours the contract
-    weights_path = directory / WEIGHTS_NAME
-    manifest_path = directory / MANIFEST_NAME
-    _write_atomic(weights_path, weights)
-    _write_atomic(manifest_path, json.dumps(manifest, indent=2).encode("utf-8"))
+    weights_path = directory / WEIGHTS_FILE
+    manifest_path = directory / MANIFEST_FILE
+    write_atomic(weights_path, weights)
+    write_atomic(manifest_path, json.dumps(manifest, indent=2).encode("utf-8"))
     return Artifacts(directory=directory, weights_path=weights_path, manifest_path=manifest_path, manifest=manifest)

@@ -20,13 +20,11 @@ from rq import get_current_job
 from rq.job import Job
 
 from app.contracts import META_ERROR, META_RESULT, DigitsTrainJobV1, describe_errors
-from app.network import available_cores
 from config.settings import Settings, get_settings
 from worker.artifacts import write_artifacts
-from worker.augment import Modifiers
 from worker.data import MnistUnavailableError, load_mnist
 from worker.events import JobReporter, salvage_ids, save_meta
-from worker.train import Progress, TrainConfig, describe_device, pick_device, pick_precision, train
+from worker.train import Progress, pick_hardware, train
 from worker.upload import UploadError, upload_artifacts
 
 log = logging.getLogger(__name__)
@@ -66,16 +64,6 @@ class RunResult:
         return asdict(self)
 
 
-def train_config(job: DigitsTrainJobV1, settings: Settings) -> TrainConfig:
-    t = settings.train
-    return TrainConfig(
-        epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, seed=job.seed, augment=job.augment,
-        modifiers=Modifiers(noise_prob=t.noise_prob, dots_prob=t.dots_prob, blur_prob=t.blur_prob,
-                            morph_prob=t.morph_prob),
-        device=t.device, precision=t.precision, threads=t.threads, progress_every=t.progress_every,
-    )
-
-
 def run_training(
     job: DigitsTrainJobV1,
     settings: Settings,
@@ -86,20 +74,18 @@ def run_training(
     upload: bool = True,
 ) -> RunResult:
     """Data, training, artifacts, upload. Raises JobFailure with a message fit for the user."""
-    cfg = train_config(job, settings)
-    device = pick_device(cfg.device)
-    threads = cfg.threads or available_cores()
-    hooks.started(job.epochs, describe_device(device, pick_precision(device, cfg.precision), threads))
+    hardware = pick_hardware(settings.train)
+    hooks.started(job.epochs, hardware.describe())
 
     hooks.stage("preparing")
     try:
         data = load_mnist(settings.cache_dir, val_size=settings.train.val_size, limit=settings.train.limit,
-                          workers=threads, on_status=lambda msg: log.info(msg))
+                          workers=hardware.threads, on_status=lambda msg: log.info(msg))
     except MnistUnavailableError as exc:
         raise JobFailure("system", f"training data unavailable: {exc}") from exc
 
     hooks.stage("training")
-    outcome = train(cfg, data, on_progress=hooks.progress)
+    outcome = train(job, settings.train, data, hardware, on_progress=hooks.progress)
 
     hooks.stage("saving")
     used = settings.train.model_dump(mode="json", exclude={"upload_attempts", "upload_backoff_s", "upload_timeout_s"})

@@ -15,6 +15,7 @@ from typing import Final
 
 import httpx
 
+from app.contracts import MANIFEST_FILE, WEIGHTS_FILE
 from worker.artifacts import Artifacts
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,8 @@ def upload_artifacts(
                     headers={"X-Api-Key": api_key},
                     data={"model_id": model_id, "activate": "true"},
                     files={
-                        "manifest": ("manifest.json", manifest_bytes, "application/json"),
-                        "model": ("model.pt", weights_bytes, "application/octet-stream"),
+                        "manifest": (MANIFEST_FILE, manifest_bytes, "application/json"),
+                        "model": (WEIGHTS_FILE, weights_bytes, "application/octet-stream"),
                     },
                 )
             except httpx.TransportError as exc:  # connection refused/reset, DNS, timeouts

@@ -180,13 +180,12 @@ class ProgressRelay:
         client: DiscordClient,
         *,
         interval_s: float = 5.0,
-        replica_id: str | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.channel = channel
         self.client = client
         self.interval_s = interval_s
-        self.replica_id = replica_id or uuid.uuid4().hex
+        self.replica_id = uuid.uuid4().hex  # names this replica when it claims a job's relay
         self.subscribed = asyncio.Event()  # set while subscribed; tests and readiness can wait on it
         self._redis: aioredis.Redis | None = None
         self._task: asyncio.Task[None] | None = None

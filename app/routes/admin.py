@@ -35,12 +35,12 @@ from pydantic import BaseModel, ValidationError
 
 from app.auth import ApiKeyDep
 from app.body_limit import body_limit_route
-from app.contracts import MANIFEST_SCHEMA_VERSION, MODEL_ID_PATTERN, ManifestV1_1, describe_errors
+from app.contracts import MANIFEST_SCHEMA_VERSION, MODEL_ID_PATTERN, WEIGHTS_FILE, ManifestV1_1, describe_errors
 from app.deps import ModelsDep, SettingsDep
 from app.errors import ApiError
 from app.preprocess import PREPROCESS_HASH
 from app.serving import CandidateError
-from app.store import WEIGHTS_FILE, VersionExistsError, VersionNotFoundError, is_safe_model_id
+from app.store import VersionExistsError, VersionNotFoundError, is_safe_model_id
 from config.settings import ApiSettings, Settings
 
 router = APIRouter(tags=["admin"])
