@@ -2,14 +2,16 @@
 
 Their bodies are capped on the raw ASGI stream, before the form parser (which spools file parts
 with no total cap) and before the API key is checked; OpenAPI describes both bodies by itself.
-These drive the real app at the ASGI level, so a test sees exactly how much of the body was read.
+The cap tests drive the real app at the ASGI level, so they see exactly how much of the body was read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -137,23 +139,19 @@ def test_openapi_documents_both_multipart_bodies(app: FastAPI) -> None:
         assert properties[file_part]["type"] == "string"  # sent as a file, not as JSON
 
 
-def open_fds() -> set[str]:
-    """What this process has open, sockets left out (the app is served in this process: connections come and go)."""
-    found = set()
+def open_temp_files() -> set[str]:
+    """What this process (the app runs in a thread of it) holds open under the temporary directory."""
+    links = set()
     for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue  # closed while we looked
-        if not target.startswith("socket:"):
-            found.add(target)
-    return found
+        with contextlib.suppress(OSError):  # the listing's own fd is gone by now
+            links.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return {link for link in links if link.startswith(tempfile.gettempdir())}
 
 
 async def test_a_refused_oversize_upload_leaves_the_store_untouched_and_no_temp_files(data_dir: Path) -> None:
     install_model(data_dir, "v1", forced_digit=1)
     async with running_app(make_settings(data_dir, model_max_bytes=2 * MODEL_CAP)) as client:
-        before, fds = store_snapshot(data_dir), open_fds()
+        before, temp_files = store_snapshot(data_dir), open_temp_files()
         data, files = upload_files(manifest(version="big"), weights_bytes(2))  # ~45 MB, over the 2 MiB cap
         request = client.build_request("POST", "/v1/admin/models/upload", data=data, files=files,
                                        headers={"X-Api-Key": API_KEY})
@@ -168,8 +166,8 @@ async def test_a_refused_oversize_upload_leaves_the_store_untouched_and_no_temp_
         assert response.status_code == 413 and response.json()["code"] == "too_large", response.text
         assert store_snapshot(data_dir) == before
         assert not any((data_dir / "models" / "incoming").glob("*"))
-        # Starlette spooled the first 2 MiB of the model part to a temporary file (on disk past 1 MiB):
-        # it is closed, so nothing of it is left.
-        assert open_fds() <= fds
+        # Starlette spooled the first 2 MiB of the model part to a temporary file (on disk past 1 MiB,
+        # unlinked): it is closed, so nothing of it is left.
+        assert open_temp_files() <= temp_files
         listing = (await client.get("/v1/admin/models", headers={"X-Api-Key": API_KEY})).json()
         assert [v["version"] for v in listing["versions"]] == ["v1"]
