@@ -56,6 +56,8 @@ class TrainSettings(BaseModel):
     upload_attempts: int = Field(default=6, ge=1)
     upload_backoff_s: float = Field(default=2.0, ge=0)
     upload_timeout_s: float = Field(default=120.0, gt=0)
+    keep_artifacts: int = Field(default=3, ge=0, description="uploaded runs whose files stay under "
+                                "DATA_DIR/artifacts; runs whose upload failed are always kept")
 
 
 class Settings(BaseSettings):

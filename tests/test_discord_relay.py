@@ -122,7 +122,7 @@ def test_failure_shows_a_short_reason(api: ServedApp, signer: Signer, r: redis.R
 
 def test_events_of_jobs_not_started_from_discord_are_left_alone(api: ServedApp, r: redis.Redis,
                                                                  fake: FakeDiscord) -> None:
-    stranger = TrainStartedV1(request_id="from-http", user_id=1, model_id="m", job_id="j")
+    stranger = TrainStartedV1(request_id="from-http", user_id=1, model_id="m", job_id="j", total_epochs=1)
     r.publish(CHANNEL, dump_event(stranger))
     r.publish(CHANNEL, b"not json at all")
     time.sleep(0.5)

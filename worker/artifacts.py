@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import secrets
+import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +26,9 @@ from app.network import ARCH
 from app.preprocess import PREPROCESS_HASH
 from app.store import write_atomic
 from worker.train import TrainOutcome
+
+# Written into a run's directory once the API has accepted its model; only such runs are ever pruned.
+UPLOADED_MARKER = "uploaded.json"
 
 
 @dataclass(frozen=True)
@@ -87,3 +91,26 @@ def write_artifacts(
     write_atomic(weights_path, weights)
     write_atomic(manifest_path, json.dumps(manifest, indent=2).encode("utf-8"))
     return Artifacts(directory=directory, weights_path=weights_path, manifest_path=manifest_path, manifest=manifest)
+
+
+def mark_uploaded(artifacts: Artifacts, status: int) -> None:
+    write_atomic(artifacts.directory / UPLOADED_MARKER,
+                 json.dumps({"status": status, "uploaded_at": utc_now().isoformat()}).encode("utf-8"))
+
+
+def prune_artifacts(out_dir: Path, keep: int) -> int:
+    """Deletes the run directories under `out_dir/<model_id>/` beyond the newest `keep` uploaded ones.
+
+    Runs whose upload failed (or never happened) hold the only copy of their model and are kept.
+    Versions sort by time (see `new_version`), so the newest are the last. Returns how many were deleted.
+    """
+    uploaded = sorted((marker.parent for marker in out_dir.glob(f"*/*/{UPLOADED_MARKER}")),
+                      key=lambda d: d.name)
+    deleted = 0
+    for directory in uploaded[: max(0, len(uploaded) - keep)]:
+        try:
+            shutil.rmtree(directory)
+        except FileNotFoundError:
+            continue  # another worker sharing DATA_DIR pruned it first
+        deleted += 1
+    return deleted

@@ -55,10 +55,23 @@ class Progress:
     total_epochs: int
     batch: int
     total_batches: int
-    loss: float
+    loss: float  # smoothed (exponential moving average)
     samples_per_sec: float
     pct: float
     eta_s: float
+    batch_loss: float = 0.0  # this batch's own loss and accuracy
+    batch_acc: float = 0.0
+    avg_loss: float = 0.0  # mean loss of the epoch so far
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    epoch: int
+    total_epochs: int
+    train_loss: float  # mean over the epoch's batches
+    val_acc: float
+    time_s: float  # training and evaluation of this epoch
+    is_best: bool  # a new best validation accuracy: these weights are the ones kept
 
 
 @dataclass(frozen=True)
@@ -138,6 +151,7 @@ def train(
     data: MnistSplits,
     hardware: Hardware,
     on_progress: Callable[[Progress], None] | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None,
 ) -> TrainOutcome:
     """The job's knobs (epochs, batch size, lr, seed, augment) and the worker's TRAIN__* settings."""
     started = time.perf_counter()
@@ -180,7 +194,7 @@ def train(
         model.train()
         order = torch.randperm(n, generator=order_gen)[: steps * batch_size].view(steps, batch_size).to(device)
         epoch_started = time.perf_counter()
-        running = 0.0
+        running = loss_sum = 0.0
         for step in range(steps):
             idx = order[step]
             t_aug = time.perf_counter()
@@ -203,14 +217,18 @@ def train(
 
             done += 1
             loss_value = float(loss.detach())
+            loss_sum += loss_value
             running = loss_value if step == 0 else 0.9 * running + 0.1 * loss_value
             if on_progress is not None and ((step + 1) % settings.progress_every == 0 or step + 1 == steps):
                 elapsed = time.perf_counter() - epoch_started
                 per_step = (time.perf_counter() - loop_started) / done
+                batch_acc = float((logits.detach().argmax(dim=1) == y).float().mean())
                 on_progress(Progress(
                     epoch=epoch, total_epochs=job.epochs, batch=step + 1, total_batches=steps,
                     loss=round(running, 5), samples_per_sec=round((step + 1) * batch_size / max(elapsed, 1e-9), 2),
                     pct=round(100.0 * done / total_steps, 2), eta_s=round(per_step * (total_steps - done), 1),
+                    batch_loss=round(loss_value, 5), batch_acc=round(batch_acc, 5),
+                    avg_loss=round(loss_sum / (step + 1), 5),
                 ))
 
         epoch_seconds = time.perf_counter() - epoch_started
@@ -218,9 +236,14 @@ def train(
         history.append({"epoch": float(epoch), "loss": running, "val_acc": val_acc, "seconds": epoch_seconds,
                         "eval_seconds": time.perf_counter() - epoch_started - epoch_seconds})
         log.info("epoch %d/%d: loss %.4f, val_acc %.4f", epoch, job.epochs, running, val_acc)
-        if val_acc > best_acc:
+        is_best = val_acc > best_acc
+        if is_best:
             best_acc, best_epoch = val_acc, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if on_epoch is not None:
+            on_epoch(EpochReport(epoch=epoch, total_epochs=job.epochs, train_loss=round(loss_sum / steps, 5),
+                                 val_acc=val_acc, time_s=round(time.perf_counter() - epoch_started, 3),
+                                 is_best=is_best))
 
     model.load_state_dict(best_state)
     test_acc = evaluate(model, data.test_x, data.test_y, device, dtype)

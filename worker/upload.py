@@ -33,6 +33,8 @@ class UploadResult:
     activated: bool
     status: int
     body: dict[str, object]
+    model_bytes: int
+    manifest_bytes: int
 
 
 def _describe(response: httpx.Response) -> str:
@@ -82,7 +84,8 @@ def upload_artifacts(
                         body = {}
                     body = body if isinstance(body, dict) else {}
                     activated = body.get("activated", True)
-                    return UploadResult(activated=activated is True, status=response.status_code, body=body)
+                    return UploadResult(activated=activated is True, status=response.status_code, body=body,
+                                        model_bytes=len(weights_bytes), manifest_bytes=len(manifest_bytes))
                 last_error = _describe(response)
                 if response.status_code < 500:
                     raise UploadError(f"the API refused the model: {last_error}")

@@ -24,7 +24,7 @@ from app.contracts import TrainCompletedV1, TrainFailedV1, TrainProgressV1, Trai
 from app.discord.client import Delivery, DiscordClient
 from app.discord.state import TrainRecord, relay_owner_key, train_record_key
 
-TrainEvent = TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1
+TrainEvent = TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1  # what the relay shows
 
 # One Redis round trip: take the lease if free, renew it if ours, else report someone else holds it.
 _CLAIM_LUA: Final = """
@@ -247,6 +247,8 @@ class ProgressRelay:
         except (ValidationError, ValueError):
             log.debug("ignoring a message that is not a training event")
             return
+        if not isinstance(event, TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1):
+            return  # the per-batch/epoch/artifact events are for other consumers; the /train message shows progress
         client = self._redis
         if client is None:
             return

@@ -14,7 +14,7 @@ from typing import Annotated, Final
 import numpy as np
 from fastapi import APIRouter, File, Query, UploadFile
 from PIL import Image
-from pydantic import BaseModel, BeforeValidator
+from pydantic import BaseModel, BeforeValidator, Field
 
 from app.body_limit import body_limit_route
 from app.deps import ModelsDep, RedisDep, SettingsDep
@@ -51,7 +51,7 @@ class ReadResponse(BaseModel):
     model_id: str
     version: str
     uncertain: bool
-    latency_ms: float
+    latency_ms: int = Field(description="whole milliseconds the read took on the server")
     visual_png_b64: str | None = None
 
 
@@ -101,6 +101,6 @@ async def read_digit(
         model_id=prediction.model_id,
         version=prediction.version,
         uncertain=prediction.uncertain,
-        latency_ms=round(elapsed * 1000, 2),
+        latency_ms=round(elapsed * 1000),
         visual_png_b64=visual,
     )
