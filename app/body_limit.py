@@ -73,9 +73,12 @@ def _multipart_errors(handler: Handler) -> Handler:
     return parsed
 
 
-def body_limit_route(cap: BodyCap, *, multipart: bool = False) -> type[APIRoute]:
+def body_limit_route(
+    cap: BodyCap, *, multipart: bool = False, before_body: Callable[[Request], None] | None = None
+) -> type[APIRoute]:
     """A route class refusing bodies over `cap` bytes before the body is parsed or any dependency runs;
-    with `multipart`, unparseable bodies and missing parts answer 400 `malformed_multipart`."""
+    with `multipart`, unparseable bodies and missing parts answer 400 `malformed_multipart`;
+    `before_body` (e.g. the API key check) runs after the Content-Length check, before any byte is read."""
 
     class BodyLimitRoute(APIRoute):
         def get_route_handler(self) -> Handler:
@@ -91,6 +94,8 @@ def body_limit_route(cap: BodyCap, *, multipart: bool = False) -> type[APIRoute]
                 declared = request.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > limit:
                     raise BodyTooLarge(limit)
+                if before_body is not None:
+                    before_body(request)
                 return await inner(Request(request.scope, _counted(request.receive, limit)))
 
             return limited

@@ -109,10 +109,18 @@ async def test_a_declared_oversize_body_is_refused_before_any_byte_is_read(app: 
 async def test_an_endless_chunked_body_is_refused_at_the_first_chunk_over_the_cap(app: FastAPI, route: str) -> None:
     path, part, cap = ROUTES[route]
     sent = Sent(part)
-    status, body = await post(app, path, sent, {})  # no Content-Length: counted as it streams
+    status, body = await post(app, path, sent, {"x-api-key": API_KEY})  # no Content-Length: counted as it streams
     assert status == 413 and body["code"] == "too_large", body
     # The cap covers the part plus the multipart framing around it; reading stopped one chunk past it.
     assert cap < sent.bytes <= cap + 64 * 1024 + CHUNK + len(file_part_head(part))
+
+
+@pytest.mark.parametrize("key", [None, "wrong"])
+async def test_an_upload_without_the_key_is_refused_before_any_byte_is_read(app: FastAPI, key: str | None) -> None:
+    sent = Sent("model")
+    status, body = await post(app, "/v1/admin/models/upload", sent, {"x-api-key": key} if key else {})
+    assert status == 401 and body["code"] == "unauthorized", body
+    assert sent.bytes == 0
 
 
 def test_openapi_documents_both_multipart_bodies(app: FastAPI) -> None:
