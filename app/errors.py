@@ -13,8 +13,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.contracts import describe_errors
 from app.observability import current_request_id
+from app.prediction import NOT_READY_MESSAGE
 from app.queue import TrainingUnavailableError, describe_training, training_in_progress
-from app.serving import NOT_READY_MESSAGE
 
 _CODE_BY_STATUS: Final = {
     400: "bad_request",

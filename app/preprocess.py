@@ -15,13 +15,15 @@ import io
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from PIL import Image, ImageOps
 from scipy import ndimage
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made, so code that only checks images stays light
+    import torch
 
 U8 = npt.NDArray[np.uint8]
 F32 = npt.NDArray[np.float32]
@@ -335,6 +337,8 @@ def _thicken(ink: F32, mask: npt.NDArray[np.bool_], scale: float) -> F32:
 
 def to_tensor(preview: U8) -> torch.Tensor:
     """Normalise a 28x28 uint8 (or N x 28 x 28) into the network's input layout."""
+    import torch
+
     scaled = (preview.astype(np.float32) * np.float32(1.0 / 255.0) - np.float32(MNIST_MEAN)) / np.float32(MNIST_STD)
     return torch.from_numpy(scaled.reshape(-1, 1, CANVAS, CANVAS))
 

@@ -24,40 +24,22 @@ from pathlib import Path
 from typing import Final
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from torch import nn
 
 from app.contracts import N_CLASSES, WEIGHTS_FILE, ManifestV1_1
 from app.network import ARCH, available_cores, build_model
 from app.observability import ACTIVE_MODEL, FAILED_ACTIVATIONS, MODEL_SWAPS
+from app.prediction import ModelNotReadyError, Prediction, PredictionTimeoutError
 from app.preprocess import CANVAS, preprocess, to_tensor
 from app.store import ActivePointer, ModelStore, StoredVersion, VersionNotFoundError
 from config.settings import Settings
 
 log = logging.getLogger("app.serving")
 
-NOT_READY_MESSAGE: Final = (
-    "no model is loaded yet. Get one by running `make run` (it trains a first model), by POST /v1/train "
-    "(X-Api-Key) and waiting for the job, or by uploading one to POST /v1/admin/models/upload"
-)
 # Test-time augmentation: the image itself and four one-pixel shifts, probabilities averaged.
 TTA_SHIFTS: Final = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 _BATCH_POLL_S: Final = 0.0005
-
-
-class ModelNotReadyError(Exception):
-    """No model is loaded yet; the message says how to get one."""
-
-    def __init__(self, message: str = NOT_READY_MESSAGE) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class PredictionTimeoutError(Exception):
-    def __init__(self, timeout_s: float) -> None:
-        self.message = f"the prediction took longer than {timeout_s:g} s"
-        super().__init__(self.message)
 
 
 class CandidateError(Exception):
@@ -67,17 +49,6 @@ class CandidateError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    digit: int
-    confidence: float
-    probs: list[float]
-    model_id: str
-    version: str
-    uncertain: bool
-    preview: npt.NDArray[np.uint8]  # 28x28, what the model saw
 
 
 @dataclass(frozen=True, slots=True)

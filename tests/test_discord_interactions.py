@@ -107,6 +107,13 @@ def test_anything_not_signed_by_discord_is_401(api: ServedApp, signer: Signer, t
     assert response.json()["code"] == "unauthorized"
 
 
+def test_a_body_over_the_cap_is_413(api: ServedApp, signer: Signer) -> None:
+    body = b'{"type":1,"pad":"' + b"x" * (1024 * 1024) + b'"}'
+    response = api.post(signer, body)
+    assert response.status_code == 413
+    assert response.json()["code"] == "too_large"
+
+
 def test_a_signed_body_that_is_not_json_is_401(api: ServedApp, signer: Signer) -> None:
     assert api.post(signer, b"\xff\xfenot json").status_code == 401
     assert api.post(signer, b"{truncated").status_code == 401

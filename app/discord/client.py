@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
 import httpx
+from pydantic import BaseModel, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from app.discord.interaction import NO_MENTIONS, Lenient, Text
 
 USER_AGENT: Final = "DiscordBot (https://github.com/handwriting-ai/handwriting-ai, 0.1.0)"
-# Content may echo user input (a filename, a notes field): never let it ping anyone.
-NO_MENTIONS: Final[Mapping[str, list[str]]] = {"parse": []}
 
 # Discord error codes that mean an interaction token can no longer be used.
 UNKNOWN_WEBHOOK: Final = 10015
@@ -58,24 +58,24 @@ class ApiFailure:
     retry_after: float | None = None
 
 
+class _ErrorBody(BaseModel):
+    code: Lenient[StrictInt] = None
+    message: Lenient[Text] = None
+    retry_after: Lenient[StrictFloat] = None
+
+
+class _Channel(BaseModel):
+    id: StrictStr
+
+
 def describe_failure(response: httpx.Response) -> ApiFailure:
     """Discord's JSON error (`code`, `message`, `retry_after`) from a response, tolerant of anything else."""
-    code: int | None = None
-    message = response.reason_phrase or f"HTTP {response.status_code}"
-    retry_after: float | None = None
     try:
-        body: object = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        body = None
-    if isinstance(body, dict):
-        raw_code = body.get("code")
-        code = raw_code if isinstance(raw_code, int) and not isinstance(raw_code, bool) else None
-        raw_message = body.get("message")
-        if isinstance(raw_message, str) and raw_message:
-            message = raw_message
-        raw_retry = body.get("retry_after")
-        if isinstance(raw_retry, int | float) and not isinstance(raw_retry, bool):
-            retry_after = float(raw_retry)
+        body = _ErrorBody.model_validate_json(response.content)
+    except ValidationError:
+        body = _ErrorBody()
+    code, retry_after = body.code, body.retry_after
+    message = body.message or response.reason_phrase or f"HTTP {response.status_code}"
     if retry_after is None and response.status_code == 429:
         header = response.headers.get("Retry-After")
         try:
@@ -173,15 +173,12 @@ class DiscordClient:
         if opened is None or opened.status_code != 200:
             return _delivery(opened, "open_dm")
         try:
-            channel: object = opened.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            channel = None
-        channel_id = channel.get("id") if isinstance(channel, dict) else None
-        if not isinstance(channel_id, str):
+            channel = _Channel.model_validate_json(opened.content)
+        except ValidationError:
             log.warning("discord open_dm answered without a channel id")
             return Delivery.FAILED
         body = {"allowed_mentions": NO_MENTIONS, **payload}
-        response = await self._send("POST", f"/channels/{channel_id}/messages", body, bot=True)
+        response = await self._send("POST", f"/channels/{channel.id}/messages", body, bot=True)
         return _delivery(response, "send_dm")
 
     async def download(self, url: str, *, max_bytes: int, timeout_s: float) -> bytes:

@@ -22,24 +22,10 @@ from redis.exceptions import RedisError
 
 from app.contracts import TrainCompletedV1, TrainFailedV1, TrainProgressV1, TrainStartedV1, parse_event
 from app.discord.client import Delivery, DiscordClient
-from app.discord.state import TrainRecord, relay_owner_key, train_record_key
+from app.discord.state import TrainRecord, claim_relay, train_record_key
 
 TrainEvent = TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1  # what the relay shows
 
-# One Redis round trip: take the lease if free, renew it if ours, else report someone else holds it.
-_CLAIM_LUA: Final = """
-local holder = redis.call('GET', KEYS[1])
-if not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-  return 1
-end
-if holder == ARGV[1] then
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-OWNER_LEASE_S: Final = 60
 # An edit this soon after the interaction may race Discord's own record of our reply: retry 404s.
 YOUNG_INTERACTION_S: Final = 15.0
 # A job relay with nothing to do for this long lets go (a later event starts a new one).
@@ -256,8 +242,7 @@ class ProgressRelay:
         record = TrainRecord.from_json(stored if isinstance(stored, bytes) else None)
         if record is None:
             return  # not a job started from Discord
-        claimed = await client.eval(_CLAIM_LUA, 1, relay_owner_key(event.request_id), self.replica_id, OWNER_LEASE_S)
-        if claimed != 1:
+        if not await claim_relay(client, event.request_id, self.replica_id):
             return  # another replica relays this job
         job = self._jobs.get(event.request_id)
         if job is None or job.finished:

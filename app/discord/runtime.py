@@ -7,15 +7,15 @@ import redis
 from app.discord.client import DiscordClient
 from app.discord.protocol import InteractionHandler
 from app.discord.relay import ProgressRelay
-from app.serving import ModelServer
+from app.prediction import DigitReader
 from config.settings import Settings
 
 
 class DiscordRuntime:
-    def __init__(self, settings: Settings, redis_client: redis.Redis | None, reader: ModelServer) -> None:
+    def __init__(self, settings: Settings, redis_client: redis.Redis | None, reader: DigitReader) -> None:
         token = settings.discord_bot_token.get_secret_value() if settings.discord_bot_token else None
         self.client = DiscordClient(settings.discord_api_base, settings.discord_application_id, token)
-        self.handler = InteractionHandler(settings, redis_client, reader, self.client)
+        self.handler = InteractionHandler(settings, redis_client, self.client, reader)
         # Progress only means something where interactions can arrive and jobs can run.
         self.relay: ProgressRelay | None = None
         if settings.redis_url is not None and settings.discord_public_key is not None:

@@ -1,10 +1,18 @@
-"""What the Discord side keeps in Redis, shared by every API replica: key names and the /train record."""
+"""What the Discord side keeps in Redis, shared by every API replica: key names, records, and the Lua
+scripts that change them atomically (admitting a /train, claiming a job's relay).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import asdict, dataclass
-from typing import Final
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import pydantic.dataclasses
+import redis
+import redis.asyncio as aioredis
+from pydantic import StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 # Discord's own numbers: an interaction token works for 15 minutes after the interaction.
 TOKEN_LIFETIME_S: Final = 15 * 60
@@ -14,8 +22,14 @@ TOKEN_MARGIN_S: Final = 30
 TRAIN_RECORD_TTL_S: Final = 2 * 24 * 3600
 # A replayed interaction id within this window is answered from memory, not enqueued again.
 INTERACTION_DEDUPE_TTL_S: Final = 3600
+TRAIN_RATE_WINDOW_S: Final = 3600
+# How long one replica relays a job's events before another may take over (renewed by every event).
+OWNER_LEASE_S: Final = 60
 
 _PREFIX: Final = "discord:"
+_PENDING: Final = b"pending"
+
+JsonObject = dict[str, object]
 
 
 def train_record_key(request_id: str) -> str:
@@ -34,34 +48,128 @@ def relay_owner_key(request_id: str) -> str:
     return f"{_PREFIX}relay:owner:{request_id}"
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True)
 class TrainRecord:
     """A /train interaction whose job's events should reach the user who asked."""
 
-    request_id: str
-    token: str
-    user_id: int
-    created_at: float  # Unix seconds when we received the interaction
+    request_id: StrictStr
+    token: StrictStr
+    user_id: StrictInt
+    created_at: StrictFloat  # Unix seconds when we received the interaction
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+    def to_json(self) -> bytes:
+        return _RECORD.dump_json(self)
 
     @classmethod
     def from_json(cls, raw: bytes | str | None) -> TrainRecord | None:
         if raw is None:
             return None
         try:
-            fields: object = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _RECORD.validate_json(raw)
+        except ValidationError:
             return None
-        if not isinstance(fields, dict):
-            return None
-        request_id, token, user_id = fields.get("request_id"), fields.get("token"), fields.get("user_id")
-        created_at = fields.get("created_at")
-        if not (isinstance(request_id, str) and isinstance(token, str) and isinstance(user_id, int)
-                and isinstance(created_at, int | float)):
-            return None
-        return cls(request_id, token, user_id, float(created_at))
 
     def token_alive(self, now: float) -> bool:
         return now - self.created_at < TOKEN_LIFETIME_S - TOKEN_MARGIN_S
+
+
+_RECORD: Final = TypeAdapter(TrainRecord)
+
+
+# Admission of a /train, atomic and shared by every replica (clocks agree: Redis's TIME decides):
+# 1. claim the interaction id (a replay gets {0, what we answered the first time});
+# 2. the per-user sliding window, when a limit is set ({1, ms until a slot frees});
+# 3. store the record the progress relay needs, before the job exists ({2, 0}).
+_ADMIT_LUA: Final = """
+redis.replicate_commands()
+if not redis.call('SET', KEYS[1], 'pending', 'NX', 'EX', ARGV[1]) then
+  return {0, redis.call('GET', KEYS[1])}
+end
+local limit = tonumber(ARGV[3])
+if limit > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local window = tonumber(ARGV[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+  if redis.call('ZCARD', KEYS[2]) >= limit then
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    return {1, math.max(1, tonumber(oldest[2]) + window - now)}
+  end
+  redis.call('ZADD', KEYS[2], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], window)
+end
+redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6])
+return {2, 0}
+"""
+
+
+@dataclass(frozen=True)
+class Admission:
+    verdict: Literal["admitted", "duplicate", "rate_limited"]
+    previous: JsonObject | None = None  # a duplicate: what we answered the first time, once known
+    wait_s: float = 0.0  # rate limited: until the oldest run leaves the window
+
+
+class TrainAdmissions:
+    """The /train state of each interaction: its dedupe claim, the user's rate window, the relay record."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._admit = client.register_script(_ADMIT_LUA)
+
+    def admit(self, interaction_id: str, record: TrainRecord, limit_per_hour: int) -> Admission:
+        """One round trip: claim the interaction id, apply the per-user limit, store the relay record."""
+        answer = self._admit(
+            keys=[interaction_key(interaction_id), train_rate_key(record.user_id), train_record_key(record.request_id)],
+            args=[INTERACTION_DEDUPE_TTL_S, TRAIN_RATE_WINDOW_S * 1000, limit_per_hour, interaction_id,
+                  record.to_json(), TRAIN_RECORD_TTL_S],
+        )
+        if not isinstance(answer, list) or len(answer) != 2:
+            raise redis.ResponseError(f"admission script answered {answer!r}")
+        verdict, detail = answer
+        if verdict == 0:
+            return Admission("duplicate", previous=_stored_reply(detail))
+        if verdict == 1:
+            return Admission("rate_limited", wait_s=(detail if isinstance(detail, int) else 0) / 1000)
+        return Admission("admitted")
+
+    def remember_reply(self, interaction_id: str, body: JsonObject) -> None:
+        """What a replay of this interaction will be answered (the claim keeps its expiry)."""
+        self.client.set(interaction_key(interaction_id), json.dumps(body), xx=True, keepttl=True)
+
+    def undo(self, interaction_id: str, record: TrainRecord) -> None:
+        """Forget an admission, so that neither a retry nor the user's allowance pays for a job never queued."""
+        with contextlib.suppress(redis.RedisError):
+            self.client.delete(interaction_key(interaction_id), train_record_key(record.request_id))
+            self.client.zrem(train_rate_key(record.user_id), interaction_id)
+
+
+def _stored_reply(stored: object) -> JsonObject | None:
+    if not isinstance(stored, bytes) or stored == _PENDING:
+        return None
+    try:
+        body: object = json.loads(stored)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+# One round trip: take the lease if free, renew it if ours, else report someone else holds it.
+_CLAIM_LUA: Final = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+async def claim_relay(client: aioredis.Redis, request_id: str, replica_id: str) -> bool:
+    """Whether this replica relays the job's events (it took or renewed the job's lease)."""
+    claimed: object = await client.eval(_CLAIM_LUA, 1, relay_owner_key(request_id), replica_id, OWNER_LEASE_S)
+    return claimed == 1

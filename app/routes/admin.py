@@ -24,43 +24,29 @@ Refusals answer 4xx with a stable `code`, and leave the store and the served mod
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
-from typing import Final
+import os
+from pathlib import Path
+from typing import IO, Annotated, Final
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import BaseModel, ValidationError
 
-from app.auth import ApiKeyDep
+from app.auth import ApiKeyDep, require_api_key
+from app.body_limit import body_limit_route
 from app.contracts import MANIFEST_SCHEMA_VERSION, MODEL_ID_PATTERN, WEIGHTS_FILE, ManifestV1_1, describe_errors
-from app.deps import ModelsDep, SettingsDep
+from app.deps import ModelsDep, SettingsDep, get_settings_dep
 from app.errors import ApiError
-from app.multipart import (
-    BodyTooLargeError,
-    FileSpec,
-    Form,
-    MalformedMultipartError,
-    openapi_multipart,
-    parse_flag,
-    read_multipart,
-)
 from app.preprocess import PREPROCESS_HASH
-from app.routes.read import check_content_length
 from app.serving import CandidateError
-from app.store import VersionExistsError, VersionNotFoundError, fsync_path, is_safe_model_id
+from app.store import VersionExistsError, VersionNotFoundError, is_safe_model_id
+from config.settings import ApiSettings, Settings
 
 router = APIRouter(tags=["admin"])
 
 _MULTIPART_OVERHEAD: Final = 64 * 1024
-
-_OPENAPI_BODY: Final = openapi_multipart(
-    ["model_id", "manifest", "model"],
-    {
-        "model_id": {"type": "string", "pattern": MODEL_ID_PATTERN},
-        "activate": {"type": "boolean", "default": True},
-        "manifest": {"type": "string", "format": "binary", "description": "manifest.json (v1.1)"},
-        "model": {"type": "string", "format": "binary", "description": "state dict (torch.save)"},
-    },
-)
+_COPY_CHUNK: Final = 1024 * 1024
 
 
 class UploadResponse(BaseModel):
@@ -92,13 +78,6 @@ def _refuse(code: str, message: str, status: int = 400) -> ApiError:
     return ApiError(status, code, message)
 
 
-def parse_activate(value: str | None) -> bool:
-    flag = parse_flag(value if value is not None else "true")
-    if flag is not None:
-        return flag
-    raise _refuse("invalid_request", f"activate must be true or false, not {value!r}")
-
-
 def parse_manifest(raw: bytes) -> ManifestV1_1:
     try:
         document = json.loads(raw)
@@ -119,21 +98,35 @@ def parse_manifest(raw: bytes) -> ManifestV1_1:
         raise _refuse("invalid_manifest", f"the manifest is not a valid manifest v1.1: {problems}") from exc
 
 
-def validate_upload(form: Form) -> tuple[ManifestV1_1, str, bool]:
-    """The checks that need no weights loaded: returns the manifest, the weights' sha256, activate."""
-    model_id = form.fields.get("model_id")
-    if model_id is None:
-        raise _refuse("malformed_multipart", "the form field 'model_id' is missing")
+def _upload_cap(settings: Settings) -> int:
+    return settings.api.manifest_max_bytes + settings.api.model_max_bytes + _MULTIPART_OVERHEAD
+
+
+def _key_before_body(request: Request) -> None:
+    """FastAPI reads the body before it runs dependencies: without this, anyone could make the API
+    receive a full upload before the 401."""
+    require_api_key(get_settings_dep(request), request.headers.get("X-Api-Key"))
+
+
+def check_sizes(api: ApiSettings, manifest: UploadFile, model: UploadFile) -> None:
+    for name, part, cap in (("manifest", manifest, api.manifest_max_bytes), ("model", model, api.model_max_bytes)):
+        if (part.size or 0) > cap:
+            raise _refuse(
+                "too_large",
+                f"the {name} part is {part.size} bytes, over its limit of {cap} bytes "
+                f"(caps: manifest {api.manifest_max_bytes} bytes, model {api.model_max_bytes} bytes)",
+                413,
+            )
+
+
+def validate_manifest(model_id: str, raw: bytes) -> ManifestV1_1:
+    """The checks that need no weights: the form's model_id, then the manifest against it and this service."""
     if not is_safe_model_id(model_id):
         raise _refuse(
             "invalid_model_id",
             f"model_id {model_id[:80]!r} is not a safe name: 1-64 of a-z 0-9 _ . - starting with a letter or digit",
         )
-    activate = parse_activate(form.fields.get("activate"))
-    manifest_part, model_part = form.files.get("manifest"), form.files.get("model")
-    if manifest_part is None or model_part is None:
-        raise _refuse("malformed_multipart", "expected two file parts: 'manifest' (JSON) and 'model' (weights)")
-    manifest = parse_manifest(manifest_part.data)
+    manifest = parse_manifest(raw)
     if manifest.preprocess_hash != PREPROCESS_HASH:
         raise _refuse(
             "preprocess_mismatch",
@@ -144,45 +137,46 @@ def validate_upload(form: Form) -> tuple[ManifestV1_1, str, bool]:
         raise _refuse(
             "model_id_mismatch", f"the manifest's model_id {manifest.model_id!r} differs from the form's {model_id!r}"
         )
-    if model_part.size == 0:
+    return manifest
+
+
+def write_weights(source: IO[bytes], dest: Path) -> str:
+    """Copy the spooled upload to `dest` (fsynced), returning its sha256. Runs off the event loop."""
+    digest = hashlib.sha256()
+    source.seek(0)
+    with dest.open("wb") as out:
+        while chunk := source.read(_COPY_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest()
+
+
+async def upload_model(
+    manifest: Annotated[UploadFile, File(description="manifest.json (v1.1)")],
+    model: Annotated[UploadFile, File(description="the weights: a state dict (torch.save)")],
+    models: ModelsDep,
+    settings: SettingsDep,
+    _: ApiKeyDep,
+    # Not required in the schema: FastAPI reads an empty form field as absent, and "" must be invalid_model_id.
+    model_id: Annotated[str, Form(description=f"matches {MODEL_ID_PATTERN}")] = "",
+    activate: Annotated[bool, Form(description="serve it at once")] = True,
+) -> UploadResponse:
+    check_sizes(settings.api, manifest, model)
+    doc = validate_manifest(model_id, await manifest.read())
+    if not model.size:
         raise _refuse("invalid_weights", "the model file is empty")
-    if manifest.weights_sha256 is not None and manifest.weights_sha256 != model_part.sha256:
-        raise _refuse(
-            "checksum_mismatch",
-            f"the manifest says the weights' sha256 is {manifest.weights_sha256}, the file's is {model_part.sha256}",
-        )
-    return manifest, model_part.sha256, activate
-
-
-@router.post("/v1/admin/models/upload", response_model=UploadResponse, openapi_extra=_OPENAPI_BODY)
-async def upload_model(request: Request, models: ModelsDep, settings: SettingsDep, _: ApiKeyDep) -> UploadResponse:
-    api = settings.api
-    max_total = api.manifest_max_bytes + api.model_max_bytes + _MULTIPART_OVERHEAD
-    check_content_length(request, max_total)
     store = models.store
     incoming = await asyncio.to_thread(store.new_incoming)
     try:
-        try:
-            form = await read_multipart(
-                request.headers.get("content-type"),
-                request.stream(),
-                files={
-                    "manifest": FileSpec(max_bytes=api.manifest_max_bytes),
-                    "model": FileSpec(max_bytes=api.model_max_bytes, dest=incoming / WEIGHTS_FILE),
-                },
-                max_total=max_total,
-            )
-        except BodyTooLargeError as exc:
+        sha256 = await asyncio.to_thread(write_weights, model.file, incoming / WEIGHTS_FILE)
+        if doc.weights_sha256 is not None and doc.weights_sha256 != sha256:
             raise _refuse(
-                "too_large",
-                f"{exc.message} (caps: manifest {api.manifest_max_bytes} bytes, model {api.model_max_bytes} bytes)",
-                413,
-            ) from exc
-        except MalformedMultipartError as exc:
-            raise _refuse("malformed_multipart", exc.message) from exc
-        manifest, sha256, activate = validate_upload(form)
-        await asyncio.to_thread(fsync_path, incoming / WEIGHTS_FILE)
-        stored, activated = await models.add_version(incoming, manifest, sha256, activate=activate)
+                "checksum_mismatch",
+                f"the manifest says the weights' sha256 is {doc.weights_sha256}, the file's is {sha256}",
+            )
+        stored, activated = await models.add_version(incoming, doc, sha256, activate=activate)
     except CandidateError as exc:
         raise _refuse(exc.code, exc.message) from exc
     except VersionExistsError as exc:
@@ -191,6 +185,15 @@ async def upload_model(request: Request, models: ModelsDep, settings: SettingsDe
         # Gone already when stored (renamed into place) or refused inside add_version.
         await asyncio.to_thread(store.discard, incoming)
     return UploadResponse(model_id=stored.model_id, version=stored.version, sha256=sha256, activated=activated)
+
+
+router.add_api_route(
+    "/v1/admin/models/upload",
+    upload_model,
+    methods=["POST"],
+    response_model=UploadResponse,
+    route_class_override=body_limit_route(_upload_cap, multipart=True, before_body=_key_before_body),
+)
 
 
 @router.get("/v1/admin/models", response_model=ModelsListing)

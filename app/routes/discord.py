@@ -1,7 +1,7 @@
 """`POST /discord/interactions`: a thin adapter from HTTP to `app.discord.protocol`.
 
-It answers the cheap failures itself (missing headers, oversized body) and hands the raw bytes,
-exactly as received, to the protocol, which verifies, routes and builds the answer.
+The body cap refuses oversized bodies before they are read; the raw bytes, exactly as received, and
+the two signature headers go to the protocol, which verifies, routes and builds the answer.
 """
 
 from __future__ import annotations
@@ -13,40 +13,23 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.background import BackgroundTask
 
-from app.discord.runtime import DiscordRuntime
+from app.body_limit import body_limit_route
+from app.deps import DiscordDep
 from app.discord.verify import SIGNATURE_HEADER, TIMESTAMP_HEADER
-from app.errors import error_response
 from app.observability import current_request_id, new_request_id
 
 # Interactions are small JSON documents; anything far larger is not from Discord.
 MAX_BODY_BYTES: Final = 1024 * 1024
 
-router = APIRouter(tags=["discord"])
-
-
-def _runtime(request: Request) -> DiscordRuntime:
-    runtime = request.app.state.discord
-    assert isinstance(runtime, DiscordRuntime)
-    return runtime
+router = APIRouter(tags=["discord"], route_class=body_limit_route(MAX_BODY_BYTES))
 
 
 @router.post("/discord/interactions", summary="Discord HTTP interactions endpoint (signed by Discord)")
-async def interactions(request: Request) -> JSONResponse:
-    runtime = _runtime(request)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return error_response(413, "too_large", "interaction body too large")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return error_response(413, "too_large", "interaction body too large")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+async def interactions(request: Request, discord: DiscordDep) -> JSONResponse:
+    body = await request.body()
     request_id = current_request_id() or new_request_id()
     reply = await anyio.to_thread.run_sync(
-        runtime.handler.handle,
+        discord.handler.handle,
         body,
         request.headers.get(SIGNATURE_HEADER),
         request.headers.get(TIMESTAMP_HEADER),

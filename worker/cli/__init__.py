@@ -37,7 +37,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _discord_sync(args: argparse.Namespace) -> int:
     """Exit status 0 when registered, 1 with a readable reason otherwise."""
-    from app.discord.commands import SyncError, sync_commands
+    from app.discord.registration import SyncError, sync_commands
 
     settings = get_settings()
     token = settings.discord_bot_token.get_secret_value() if settings.discord_bot_token else None

@@ -14,6 +14,7 @@ from typing import Final
 import httpx
 
 from app.discord.client import USER_AGENT, describe_failure
+from app.discord.interaction import JsonObject
 
 OPTION_INTEGER: Final = 4
 OPTION_BOOLEAN: Final = 5
@@ -22,8 +23,6 @@ CHAT_INPUT: Final = 1
 
 TRAIN_EPOCHS_MIN: Final = 1
 TRAIN_EPOCHS_MAX: Final = 20
-
-JsonObject = dict[str, object]
 
 COMMANDS: Final[tuple[JsonObject, ...]] = (
     {
@@ -155,7 +154,6 @@ def sync_commands(
     bot_token: str | None,
     guild_id: str | None = None,
     timeout_s: float = 15.0,
-    commands: Sequence[JsonObject] = COMMANDS,
 ) -> SyncReport:
     """Bulk-overwrite the commands; returns what changed. Raises SyncError with a readable message."""
     if not application_id:
@@ -173,7 +171,7 @@ def sync_commands(
             if existing.status_code != 200:
                 raise _explain(existing, "read the registered commands")
             before: object = existing.json()
-            written = http.put(path, json=list(commands))
+            written = http.put(path, json=list(COMMANDS))
             if written.status_code not in (200, 201):
                 raise _explain(written, "register the commands")
             after: object = written.json()
@@ -182,5 +180,5 @@ def sync_commands(
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise SyncError(f"Discord answered with something other than JSON: {exc}") from exc
     before_list = [c for c in before if isinstance(c, dict)] if isinstance(before, list) else []
-    after_list = [c for c in after if isinstance(c, dict)] if isinstance(after, list) else list(commands)
+    after_list = [c for c in after if isinstance(c, dict)] if isinstance(after, list) else list(COMMANDS)
     return diff_commands(scope, before_list, after_list)

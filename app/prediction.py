@@ -1,0 +1,50 @@
+"""What reading a digit gives and how it fails, without the model behind it (no torch, no web framework).
+
+The Discord `/read` and the HTTP API depend on `DigitReader`; `app.serving.ModelServer` is the one
+that answers. Besides the errors below, a reader raises `app.preprocess.PreprocessError` for an
+image it cannot use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+NOT_READY_MESSAGE: Final = (
+    "no model is loaded yet. Get one by running `make run` (it trains a first model), by POST /v1/train "
+    "(X-Api-Key) and waiting for the job, or by uploading one to POST /v1/admin/models/upload"
+)
+
+
+class ModelNotReadyError(Exception):
+    """No model is loaded yet; the message says how to get one."""
+
+    def __init__(self, message: str = NOT_READY_MESSAGE) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class PredictionTimeoutError(Exception):
+    def __init__(self, timeout_s: float) -> None:
+        self.message = f"the prediction took longer than {timeout_s:g} s"
+        super().__init__(self.message)
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    digit: int
+    confidence: float
+    probs: list[float]
+    model_id: str
+    version: str
+    uncertain: bool
+    preview: npt.NDArray[np.uint8]  # 28x28, what the model saw
+
+
+class DigitReader(Protocol):
+    async def read_digit(self, data: bytes, *, invert: bool | None = None) -> Prediction:
+        """Image bytes -> Prediction; raises PreprocessError, ModelNotReadyError, PredictionTimeoutError."""
+        ...
