@@ -11,7 +11,6 @@ from app.deps import SettingsDep
 from app.errors import ApiError
 from config.settings import Settings
 
-
 ApiKeyHeader = Annotated[str | None, Header(alias="X-Api-Key")]
 
 

@@ -70,7 +70,7 @@ class Page:
         return path
 
     def seen_image(self) -> Image.Image:
-        """The 28×28 (enlarged) image the model saw, as the page shows it."""
+        """The 28x28 (enlarged) image the model saw, as the page shows it."""
         src = str(self.el("seen").get_attribute("src"))
         assert src.startswith("data:image/png;base64,"), src[:60]
         return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("L")

@@ -8,6 +8,7 @@ at the start (PAGE_SCREENSHOTS=DIR puts them there instead).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import numpy.typing as npt
 import pytest
-from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions import interaction
 from selenium.webdriver.common.actions.action_builder import ActionBuilder
 from selenium.webdriver.common.actions.pointer_input import PointerInput
@@ -65,19 +66,19 @@ def draw(page: Page, stroke: list[tuple[float, float]], kind: str = interaction.
         return int((fx - 0.5) * width), int((fy - 0.5) * height)
 
     actions.pointer_action.move_to(pad, *at(*stroke[0])).pointer_down()
-    for (x0, y0), (x1, y1) in zip(stroke, stroke[1:], strict=False):
+    for (x0, y0), (x1, y1) in itertools.pairwise(stroke):
         for t in (0.25, 0.5, 0.75, 1.0):
             actions.pointer_action.move_to(pad, *at(x0 + (x1 - x0) * t, y0 + (y1 - y0) * t))
     actions.pointer_action.pointer_up()
     actions.perform()
 
 
-def ink_rows_and_cols(page: Page) -> tuple[np.ndarray, np.ndarray]:
-    """Where the 28×28 the model saw has ink (bright: the model sees white on black), by row and column."""
+def ink_rows_and_cols(page: Page) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
+    """Where the 28x28 the model saw has ink (bright: the model sees white on black), by row and column."""
     seen = np.asarray(page.seen_image().resize((28, 28)), dtype=np.float32) / 255.0
-    ink = seen > 0.4
+    ink: npt.NDArray[np.bool_] = seen > 0.4
     assert ink.sum() > 20, "the model saw an empty image"
-    return ink.any(axis=1).nonzero()[0], ink
+    return np.flatnonzero(ink.any(axis=1)), ink
 
 
 @pytest.fixture
@@ -144,7 +145,7 @@ def test_roll_back_then_read_a_photo_picked_and_dropped(page: Page, api_with_mod
     page.el("file").send_keys(str(EXAMPLES / "digit-3.jpg"))
     page.wait(lambda: page.visible("result"), what="the photo read")
     assert page.text("digit") == "3" and "v3" in page.text("read-model")
-    rows, _ = ink_rows_and_cols(page)
+    ink_rows_and_cols(page)
     page.shot("3-photo-read")
 
     page.el("clear").click()
@@ -198,9 +199,9 @@ def test_train_from_the_page_and_watch_it_to_the_new_version(
         version = re.search(r"version (\S+),", page.text("job-result"))
         assert version and "it is now the active model" in page.text("job-result"), page.text("job-result")
         page.wait(lambda: page.text("model-version") == version[1], what="the model panel to show it")
-        rows = page.wait(lambda: page.driver.find_elements("css selector", "#versions tr.active"),
-                         what="the new version listed")
-        assert version[1] in rows[0].text
+        listed = page.wait(lambda: page.driver.find_elements("css selector", "#versions tr.active"),
+                           what="the new version listed")
+        assert version[1] in listed[0].text
         page.shot("4-new-version")
         assert page.console_errors() == []
     finally:

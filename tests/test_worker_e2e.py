@@ -88,13 +88,13 @@ def test_train_upload_activate_read(
     job_id = r.json()["job_id"]
 
     # No worker yet: the job waits in the queue.
-    seen = [client.get(f"/v1/jobs/{job_id}").json()]
+    seen = [client.get(f"/v1/jobs/{job_id}", headers={"X-Api-Key": API_KEY}).json()]
     assert seen[0]["status"] == "queued"
 
     workers({"DATA_DIR": str(data_dir / "worker"), "HANDWRITING_API_URL": api.url, "HANDWRITING_API_KEY": API_KEY})
 
     def finished() -> bool:
-        seen.append(client.get(f"/v1/jobs/{job_id}").json())
+        seen.append(client.get(f"/v1/jobs/{job_id}", headers={"X-Api-Key": API_KEY}).json())
         return seen[-1]["status"] in ("finished", "failed")
 
     wait_until(finished, what="the job to end")

@@ -96,6 +96,15 @@ class _Wakeups:
                 await client.aclose()  # closes the pool's connections, the subscription's included
 
 
+async def _look(connection: redis.Redis, queue_name: str, job_id: str, last: PublicJobView) -> PublicJobView | None:
+    """The job's public state now; `last` while Redis is away; None once the job has expired."""
+    try:
+        view = await asyncio.to_thread(read_job, connection, queue_name, job_id)
+    except TrainingUnavailableError:
+        return last
+    return None if view is None else public_view(view)
+
+
 async def _states(
     connection: redis.Redis, redis_url: str, channel: str, queue_name: str, first: PublicJobView
 ) -> AsyncIterator[str]:
@@ -108,14 +117,9 @@ async def _states(
     try:
         while True:
             await wakeups.wait(_POLL_S)
-            try:
-                view = await asyncio.to_thread(read_job, connection, queue_name, first.job_id)
-            except TrainingUnavailableError:
-                view = sent  # Redis is away: keep the stream, look again after the next wait
-            else:
-                if view is None:
-                    return  # expired meanwhile: nothing more will happen
-                view = public_view(view)
+            view = await _look(connection, queue_name, first.job_id, sent)
+            if view is None:
+                return  # expired meanwhile: nothing more will happen
             if view != sent:
                 sent, event_id = view, event_id + 1
                 last_write = time.monotonic()
