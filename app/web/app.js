@@ -224,7 +224,9 @@ function watchFirstModel(jobId) {
 // ---- the model ----------------------------------------------------------------------------------------
 
 function accuracy(x) { return typeof x === "number" ? pct(x) : "–"; }
-function when(iso) { return iso ? new Date(iso).toLocaleString() : "–"; }
+function when(iso) {
+  return iso ? new Date(iso).toLocaleString(undefined, { dateStyle: "short", timeStyle: "short" }) : "–";
+}
 
 async function loadModel() {
   try {
@@ -271,9 +273,14 @@ async function loadVersions() {
 function versionRow(v) {
   const tr = document.createElement("tr");
   if (v.active) tr.className = "active";
-  const cells = [`${v.model_id} ${v.version}`, when(v.manifest.created_at),
-    `${accuracy(v.manifest.val_acc)} / ${accuracy(v.manifest.test_acc)}`];
-  for (const text of cells) {
+  const name = document.createElement("td");
+  const model = document.createElement("span");
+  model.className = "sub";
+  model.textContent = v.model_id;
+  name.append(v.version, model);
+  tr.append(name);
+  for (const text of [when(v.manifest.created_at),
+    `${accuracy(v.manifest.val_acc)} / ${accuracy(v.manifest.test_acc)}`]) {
     const td = document.createElement("td");
     td.textContent = text;
     tr.append(td);
