@@ -20,6 +20,10 @@ TRAIN_JOB_FUNC: Final = "worker.job.process_train_job"
 LEGACY_JOB_FUNC: Final = "handwriting_ai.jobs.digits.process_train_job"
 MANIFEST_SCHEMA_VERSION: Final = "v1.1"
 MODEL_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+VERSION_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# The files of a stored or uploaded model: the weights and manifest v1.1 beside them.
+WEIGHTS_FILE: Final = "model.pt"
+MANIFEST_FILE: Final = "manifest.json"
 N_CLASSES: Final = 10
 
 # RQ options every training job is enqueued with.
@@ -37,6 +41,7 @@ META_STAGE: Final = "stage"  # queued | preparing | training | evaluating | uplo
 META_PROGRESS: Final = "progress"  # the last progress event's fields
 META_LAST_EVENT: Final = "last_event"  # the last event published, as its JSON text
 META_RESULT: Final = "result"  # what the completed event carried, plus the artifacts' path
+META_RUN_ID: Final = "run_id"  # the current training run (a retry is a new run)
 META_ERROR: Final = "error"  # {"kind": "user" | "system", "message": str}
 
 ModelId = Annotated[StrictStr, Field(pattern=MODEL_ID_PATTERN)]
@@ -78,6 +83,14 @@ class DigitsTrainJobV1(BaseModel):
     notes: Annotated[StrictStr, Field(max_length=500)] | None = "requested via /train"
 
 
+# Events: the family the gateway bot decodes (its names and JSON types, exactly), plus our own
+# `progress.v1`. Ints are StrictInt so they go out as JSON integers; numbers are floats.
+Count = Annotated[StrictInt, Field(ge=0)]
+Positive = Annotated[StrictInt, Field(ge=1)]
+Fraction = Annotated[StrictFloat, Field(ge=0, le=1)]
+NonNegative = Annotated[StrictFloat, Field(ge=0)]
+
+
 class _EventBase(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
@@ -85,30 +98,94 @@ class _EventBase(BaseModel):
     user_id: UserId
     model_id: ModelId
     job_id: Annotated[StrictStr, Field(min_length=1)]
+    run_id: StrictStr | None = None  # one per training run (a retry is a new run); null before a run starts
     ts: datetime = Field(default_factory=utc_now)
 
 
 class TrainStartedV1(_EventBase):
     type: Literal["digits.train.started.v1"] = "digits.train.started.v1"
-    total_epochs: Annotated[StrictInt, Field(ge=1)] | None = None
+    total_epochs: Positive
     device: StrictStr | None = None
+    batch_size: Positive | None = None
+    augment: StrictBool | None = None
+    aug_rotate: NonNegative | None = None  # degrees, the largest random rotation
+    aug_translate: NonNegative | None = None  # pixels, the largest random shift
+    noise_prob: Fraction | None = None
+    dots_prob: Fraction | None = None
+    cpu_cores: Positive | None = None
+    optimal_threads: Positive | None = None
+    memory_mb: Count | None = None
+    optimal_workers: Count | None = None
+    max_batch_size: Positive | None = None
 
 
 class TrainProgressV1(_EventBase):
     type: Literal["digits.train.progress.v1"] = "digits.train.progress.v1"
-    epoch: Annotated[StrictInt, Field(ge=1)]
-    total_epochs: Annotated[StrictInt, Field(ge=1)]
-    batch: Annotated[StrictInt, Field(ge=0)]
-    total_batches: Annotated[StrictInt, Field(ge=1)]
+    epoch: Positive
+    total_epochs: Positive
+    batch: Count
+    total_batches: Positive
     loss: StrictFloat
-    samples_per_sec: Annotated[StrictFloat, Field(ge=0)]
+    samples_per_sec: NonNegative
     pct: Annotated[StrictFloat, Field(ge=0, le=100)]
+
+
+class TrainBatchV1(_EventBase):
+    type: Literal["digits.train.batch.v1"] = "digits.train.batch.v1"
+    epoch: Positive
+    total_epochs: Positive
+    batch: Count
+    total_batches: Positive
+    batch_loss: StrictFloat
+    batch_acc: Fraction
+    avg_loss: StrictFloat
+    samples_per_sec: NonNegative
+    main_rss_mb: Count
+    workers_rss_mb: Count
+    worker_count: Count
+    cgroup_usage_mb: Count
+    cgroup_limit_mb: Count
+    cgroup_pct: NonNegative
+    anon_mb: Count
+    file_mb: Count
+
+
+class TrainEpochV1(_EventBase):
+    type: Literal["digits.train.epoch.v1"] = "digits.train.epoch.v1"
+    epoch: Positive
+    total_epochs: Positive
+    train_loss: StrictFloat
+    val_acc: Fraction
+    time_s: NonNegative
+
+
+class TrainBestV1(_EventBase):
+    type: Literal["digits.train.best.v1"] = "digits.train.best.v1"
+    epoch: Positive
+    val_acc: Fraction
+
+
+class TrainArtifactV1(_EventBase):
+    type: Literal["digits.train.artifact.v1"] = "digits.train.artifact.v1"
+    path: Annotated[StrictStr, Field(min_length=1)]
+
+
+class TrainUploadV1(_EventBase):
+    type: Literal["digits.train.upload.v1"] = "digits.train.upload.v1"
+    status: Annotated[StrictInt, Field(ge=100, le=599)]
+    model_bytes: Count
+    manifest_bytes: Count
+
+
+class TrainPruneV1(_EventBase):
+    type: Literal["digits.train.prune.v1"] = "digits.train.prune.v1"
+    deleted_count: Count
 
 
 class TrainCompletedV1(_EventBase):
     type: Literal["digits.train.completed.v1"] = "digits.train.completed.v1"
-    val_acc: Annotated[StrictFloat, Field(ge=0, le=1)]
-    test_acc: Annotated[StrictFloat, Field(ge=0, le=1)]
+    val_acc: Fraction
+    test_acc: Fraction
     version: Annotated[StrictStr, Field(min_length=1)]
     activated: StrictBool
 
@@ -119,22 +196,24 @@ class TrainFailedV1(_EventBase):
     message: Annotated[StrictStr, Field(max_length=2000)]
 
 
-TrainEvent = Annotated[
-    TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1, Field(discriminator="type")
-]
+TrainEventModel = (
+    TrainStartedV1 | TrainProgressV1 | TrainBatchV1 | TrainEpochV1 | TrainBestV1 | TrainArtifactV1
+    | TrainUploadV1 | TrainPruneV1 | TrainCompletedV1 | TrainFailedV1
+)
+TrainEvent = Annotated[TrainEventModel, Field(discriminator="type")]
 
 
 class _EventEnvelope(BaseModel):
     event: TrainEvent
 
 
-def parse_event(raw: bytes | str) -> TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1:
+def parse_event(raw: bytes | str) -> TrainEventModel:
     """Parse one message of the events channel; raises pydantic.ValidationError on anything else."""
     text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     return _EventEnvelope.model_validate_json('{"event":' + text + "}").event
 
 
-def dump_event(event: TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1) -> str:
+def dump_event(event: TrainEventModel) -> str:
     """Compact JSON, one object per message, as the events channel carries it."""
     return event.model_dump_json()
 
@@ -148,7 +227,7 @@ class ManifestV1_1(BaseModel):
     model_id: ModelId
     arch: Annotated[StrictStr, Field(min_length=1, max_length=64)]
     n_classes: Annotated[StrictInt, Field(ge=2, le=1000)]
-    version: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    version: Annotated[StrictStr, Field(pattern=VERSION_PATTERN)]
     created_at: datetime
     preprocess_hash: Sha256Hex
     val_acc: Annotated[StrictFloat, Field(ge=0, le=1)]

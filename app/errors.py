@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.contracts import describe_errors
 from app.observability import current_request_id
-from app.queue import describe_training, training_in_progress
+from app.queue import TrainingUnavailableError, describe_training, training_in_progress
 from app.serving import NOT_READY_MESSAGE
 
 _CODE_BY_STATUS: Final = {
@@ -62,6 +62,10 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message, exc.headers)
 
 
+async def _training_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(503, "training_unavailable", str(exc))
+
+
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     return error_response(422, "invalid_request", "invalid request: " + describe_errors(exc.errors()))
@@ -75,5 +79,6 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(TrainingUnavailableError, _training_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

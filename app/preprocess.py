@@ -70,28 +70,15 @@ _STEPS: Final = (
 )
 
 
+_HASHED_CONSTANTS: Final = (
+    "WORK_SIDE", "MIN_SIDE", "MAX_ASPECT", "BORDER_FRAC", "BG_GRID", "BG_SMALL_SIDE", "BG_PERCENTILE", "BG_MEAN_SIDE",
+    "MIN_INK_CONTRAST", "MIN_THRESHOLD", "SPECK_FRAC", "SPECK_MIN_AREA_FRAC", "INK_LEVEL_PERCENTILE", "FRINGE_FRAC",
+    "TARGET_STROKE_PX", "BOX_SIDE", "CANVAS", "MNIST_MEAN", "MNIST_STD",
+)
+
+
 def _canonical_description() -> str:
-    constants = {
-        "WORK_SIDE": WORK_SIDE,
-        "MIN_SIDE": MIN_SIDE,
-        "MAX_ASPECT": MAX_ASPECT,
-        "BORDER_FRAC": BORDER_FRAC,
-        "BG_GRID": BG_GRID,
-        "BG_SMALL_SIDE": BG_SMALL_SIDE,
-        "BG_PERCENTILE": BG_PERCENTILE,
-        "BG_MEAN_SIDE": BG_MEAN_SIDE,
-        "MIN_INK_CONTRAST": MIN_INK_CONTRAST,
-        "MIN_THRESHOLD": MIN_THRESHOLD,
-        "SPECK_FRAC": SPECK_FRAC,
-        "SPECK_MIN_AREA_FRAC": SPECK_MIN_AREA_FRAC,
-        "INK_LEVEL_PERCENTILE": INK_LEVEL_PERCENTILE,
-        "FRINGE_FRAC": FRINGE_FRAC,
-        "TARGET_STROKE_PX": TARGET_STROKE_PX,
-        "BOX_SIDE": BOX_SIDE,
-        "CANVAS": CANVAS,
-        "MNIST_MEAN": MNIST_MEAN,
-        "MNIST_STD": MNIST_STD,
-    }
+    constants = {name: globals()[name] for name in _HASHED_CONSTANTS}
     return json.dumps({"pipeline": "handwriting-ai/preprocess/1", "steps": _STEPS, "constants": constants},
                       sort_keys=True, separators=(",", ":"))
 

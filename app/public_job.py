@@ -16,7 +16,7 @@ from app.queue import JobState, JobView
 
 # The progress event's own fields (epoch, batch, loss, ...), without the ids every event carries.
 _PROGRESS_FIELDS: Final = frozenset(TrainProgressV1.model_fields) - {
-    "type", "ts", "request_id", "user_id", "model_id", "job_id"
+    "type", "ts", "request_id", "user_id", "model_id", "job_id", "run_id"
 }
 
 

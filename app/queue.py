@@ -55,11 +55,14 @@ _STATE_BY_RQ: Final[dict[str, JobState]] = {
 }
 
 
-NOT_CONFIGURED: Final = "Training is not configured: REDIS_URL is not set."
-
-
 class TrainingUnavailableError(Exception):
-    """Training cannot be started now (Redis down or unreachable). The message is fit for users."""
+    """Training cannot be started now (no Redis configured, or down). The message is fit for users."""
+
+
+def require_connection(connection: redis.Redis | None) -> redis.Redis:
+    if connection is None:
+        raise TrainingUnavailableError("Training is not configured: REDIS_URL is not set.")
+    return connection
 
 
 def enqueue_train(connection: redis.Redis, queue_name: str, job: DigitsTrainJobV1) -> str:

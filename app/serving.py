@@ -28,7 +28,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from app.contracts import N_CLASSES, ManifestV1_1
+from app.contracts import N_CLASSES, WEIGHTS_FILE, ManifestV1_1
 from app.network import ARCH, available_cores, build_model
 from app.observability import ACTIVE_MODEL, FAILED_ACTIVATIONS, MODEL_SWAPS
 from app.preprocess import CANVAS, preprocess, to_tensor
@@ -85,30 +85,6 @@ class LoadedModel:
     manifest: ManifestV1_1
     net: nn.Module
 
-    @property
-    def model_id(self) -> str:
-        return self.manifest.model_id
-
-    @property
-    def version(self) -> str:
-        return self.manifest.version
-
-
-# --- loading -------------------------------------------------------------------------------------
-
-
-def _state_dict_of(loaded: object) -> dict[str, torch.Tensor]:
-    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, Mapping) or not loaded:
-        raise CandidateError("invalid_weights", "the weights file must hold a state dict (name -> tensor)")
-    state: dict[str, torch.Tensor] = {}
-    for key, value in loaded.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise CandidateError("invalid_weights", "the weights file must hold a state dict (name -> tensor)")
-        state[key] = value
-    return state
-
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Load a state dict without running code: `torch.load(weights_only=True)`, never plain pickle."""
@@ -120,7 +96,13 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
             "invalid_weights",
             f"the weights could not be loaded safely with torch.load(weights_only=True): {first_line[:300]}",
         ) from exc
-    return _state_dict_of(loaded)
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping) or not loaded or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
+    ):
+        raise CandidateError("invalid_weights", "the weights file must hold a state dict (name -> tensor)")
+    return {str(key): value for key, value in loaded.items()}
 
 
 def smoke_input() -> torch.Tensor:
@@ -147,7 +129,10 @@ def load_candidate(weights: Path, manifest: ManifestV1_1) -> LoadedModel:
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())[:400]
         raise CandidateError("weights_mismatch", f"the weights do not fit arch {ARCH!r}: {detail}") from exc
-    net = prepare_for_inference(net)
+    net.eval()
+    for param in net.parameters():
+        param.requires_grad_(False)
+    net = net.to(memory_format=torch.channels_last)
     try:
         probs = forward_probs(net, smoke_input(), manifest.temperature, tta=False)
     except Exception as exc:  # whatever breaks the forward pass refuses the model
@@ -155,13 +140,6 @@ def load_candidate(weights: Path, manifest: ManifestV1_1) -> LoadedModel:
     if probs.shape != (2, manifest.n_classes) or not bool(torch.isfinite(probs).all()):
         raise CandidateError("smoke_test_failed", "a smoke prediction gave non-finite or misshapen probabilities")
     return LoadedModel(manifest=manifest, net=net)
-
-
-def prepare_for_inference(net: nn.Module) -> nn.Module:
-    net.eval()
-    for param in net.parameters():
-        param.requires_grad_(False)
-    return net.to(memory_format=torch.channels_last)
 
 
 def forward_probs(net: nn.Module, batch: torch.Tensor, temperature: float, *, tta: bool) -> torch.Tensor:
@@ -174,9 +152,6 @@ def forward_probs(net: nn.Module, batch: torch.Tensor, temperature: float, *, tt
             return probs.reshape(len(TTA_SHIFTS), batch.shape[0], -1).mean(dim=0)
         logits = net(batch.contiguous(memory_format=torch.channels_last)).float()
         return torch.softmax(logits / temperature, dim=1)
-
-
-# --- serving -------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -282,8 +257,8 @@ class ModelServer:
             digit=digit,
             confidence=confidence,
             probs=probs,
-            model_id=model.model_id,
-            version=model.version,
+            model_id=model.manifest.model_id,
+            version=model.manifest.version,
             uncertain=confidence < self.api.uncertain_below,
             preview=pre.preview,
         )
@@ -300,7 +275,7 @@ class ModelServer:
         Returns the stored version and whether it is now active.
         """
         runtime = self._require_runtime()
-        weights = incoming / "model.pt"
+        weights = incoming / WEIGHTS_FILE
         try:
             candidate = await asyncio.to_thread(load_candidate, weights, manifest)
         except BaseException:
@@ -335,12 +310,10 @@ class ModelServer:
         self._failed_pointer = None
         MODEL_SWAPS.inc()
         ACTIVE_MODEL.clear()
-        ACTIVE_MODEL.labels(model_id=model.model_id, version=model.version).set(1)
-        log.info(
-            "serving %s %s (was %s)", model.model_id, model.version,
-            f"{previous.model_id} {previous.version}" if previous else "none",
-            extra={"model_id": model.model_id, "version": model.version},
-        )
+        served = {"model_id": model.manifest.model_id, "version": model.manifest.version}
+        ACTIVE_MODEL.labels(**served).set(1)
+        was = f"{previous.manifest.model_id} {previous.manifest.version}" if previous else "none"
+        log.info("serving %s %s (was %s)", served["model_id"], served["version"], was, extra=served)
 
     def _require_runtime(self) -> _Runtime:
         if self._runtime is None:
@@ -378,7 +351,7 @@ class ModelServer:
 
     def _served_pointer(self) -> ActivePointer | None:
         current = self._current
-        return ActivePointer(current.model_id, current.version) if current is not None else None
+        return ActivePointer(current.manifest.model_id, current.manifest.version) if current is not None else None
 
     # --- the batcher ---
 

@@ -28,16 +28,14 @@ from typing import Final
 
 from pydantic import ValidationError
 
-from app.contracts import MODEL_ID_PATTERN, ManifestV1_1
+from app.contracts import MANIFEST_FILE, MODEL_ID_PATTERN, VERSION_PATTERN, WEIGHTS_FILE, ManifestV1_1
 
-WEIGHTS_FILE: Final = "model.pt"
-MANIFEST_FILE: Final = "manifest.json"
 ACTIVE_FILE: Final = "active.json"
 INCOMING_DIR: Final = ".incoming"
 TRASH_DIR: Final = ".trash"
 
 _MODEL_ID = re.compile(MODEL_ID_PATTERN)
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_VERSION = re.compile(VERSION_PATTERN)
 
 log = logging.getLogger("app.store")
 
@@ -155,12 +153,7 @@ class ModelStore:
                     )
                 return existing, False
             stored_manifest = manifest.model_copy(update={"weights_sha256": weights_sha256})
-            manifest_path = incoming / MANIFEST_FILE
-            with manifest_path.open("wb") as f:
-                f.write(stored_manifest.model_dump_json(indent=2).encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_path(incoming)
+            write_atomic(incoming / MANIFEST_FILE, stored_manifest.model_dump_json(indent=2).encode("utf-8"))
             model_dir.mkdir(exist_ok=True)
             os.rename(incoming, target)
             fsync_path(model_dir)

@@ -109,10 +109,10 @@ def spawned_server(threads: int | None) -> Iterator[str]:
 
     import torch
 
-    from app.contracts import N_CLASSES, ManifestV1_1
+    from app.contracts import N_CLASSES, WEIGHTS_FILE, ManifestV1_1
     from app.network import ARCH, build_model
     from app.preprocess import PREPROCESS_HASH
-    from app.store import WEIGHTS_FILE, ModelStore
+    from app.store import ModelStore
 
     with tempfile.TemporaryDirectory(prefix="bench-read-") as tmp:
         data_dir = Path(tmp)

@@ -18,8 +18,7 @@ from app.contracts import DigitsTrainJobV1
 from config.settings import get_settings
 from worker.artifacts import write_artifacts
 from worker.data import load_mnist
-from worker.job import train_config
-from worker.train import Progress, train
+from worker.train import Progress, pick_hardware, train
 
 
 def main() -> None:
@@ -37,13 +36,13 @@ def main() -> None:
     settings = get_settings()
     job = DigitsTrainJobV1(request_id="bench", user_id=0, epochs=args.epochs, batch_size=args.batch_size,
                            lr=args.lr, seed=args.seed, augment=args.augment)
-    cfg = train_config(job, settings)
+    hardware = pick_hardware(settings.train)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}")
     print(f"job: epochs={job.epochs} batch_size={job.batch_size} lr={job.lr} seed={job.seed} augment={job.augment}")
 
     t0 = time.perf_counter()
     data = load_mnist(settings.cache_dir, val_size=settings.train.val_size, limit=args.limit,
-                      workers=cfg.threads or 2, on_status=print)
+                      workers=hardware.threads, on_status=print)
     data_s = time.perf_counter() - t0
     print(f"data ready in {data_s:.1f}s: train {len(data.train_x)}, val {len(data.val_x)}, test {len(data.test_x)}")
 
@@ -53,7 +52,7 @@ def main() -> None:
                   f"{p.samples_per_sec:.1f} img/s ETA {p.eta_s:.0f}s", flush=True)
 
     t1 = time.perf_counter()
-    outcome = train(cfg, data, on_progress=report)
+    outcome = train(job, settings.train, data, hardware, on_progress=report)
     wall = time.perf_counter() - t1
     images = len(data.train_x) // min(job.batch_size, len(data.train_x)) * min(job.batch_size, len(data.train_x))
     train_only = sum(h["seconds"] for h in outcome.history)

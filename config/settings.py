@@ -56,6 +56,8 @@ class TrainSettings(BaseModel):
     upload_attempts: int = Field(default=6, ge=1)
     upload_backoff_s: float = Field(default=2.0, ge=0)
     upload_timeout_s: float = Field(default=120.0, gt=0)
+    keep_artifacts: int = Field(default=3, ge=0, description="uploaded runs whose files stay under "
+                                "DATA_DIR/artifacts; runs whose upload failed are always kept")
 
 
 class Settings(BaseSettings):
@@ -94,13 +96,6 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     train: TrainSettings = TrainSettings()
 
-    @field_validator("redis_url", "discord_public_key", "discord_application_id", mode="before")
-    @classmethod
-    def _blank_is_unset(cls, value: object) -> object:
-        if isinstance(value, str) and not value.strip():
-            return None
-        return value
-
     @field_validator("discord_public_key")
     @classmethod
     def _public_key_is_hex(cls, value: str | None) -> str | None:
@@ -109,13 +104,6 @@ class Settings(BaseSettings):
         value = value.strip().lower()
         if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
             raise ValueError("must be the application's public key: 64 hex characters")
-        return value
-
-    @field_validator("handwriting_api_key", "discord_bot_token", mode="before")
-    @classmethod
-    def _blank_secret_is_unset(cls, value: object) -> object:
-        if isinstance(value, str) and not value.strip():
-            return None
         return value
 
     @field_validator("handwriting_api_url", "discord_api_base")

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from config.settings import Settings
 from tests.discord_support import Signer
 from tests.fake_discord import FakeDiscord
-from tests.support import LiveProcess, start_api
+from tests.support import ServedApp, serve
 from worker.cli.redis_embedded import EmbeddedRedis
 
 
@@ -38,18 +39,20 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def start_api_process(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], LiveProcess]]:
-    """`start_api_process(env)` runs the real API under uvicorn on loopback; stopped after the test."""
-    started: list[LiveProcess] = []
+def served_app() -> Iterator[Callable[..., ServedApp]]:
+    """`served_app(**settings)` runs the real app on loopback with those settings (no .env read); each one
+    is shut down after the test."""
+    started: list[ServedApp] = []
 
-    def start(env: dict[str, str]) -> LiveProcess:
-        live = start_api(env, tmp_path)
-        started.append(live)
-        return live
+    def start(**values: object) -> ServedApp:
+        served = serve(Settings.model_validate({"log_level": "WARNING", **values}))
+        started.append(served)
+        return served
 
     yield start
-    for live in started:
-        live.stop()
+    for served in started:
+        if served.thread.is_alive():
+            served.stop()
 
 
 @pytest.fixture(autouse=True)

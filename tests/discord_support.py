@@ -1,20 +1,13 @@
-"""Helpers for the Discord tests: a real Ed25519 signer, interaction payloads, the real app served over HTTP."""
+"""Helpers for the Discord tests: a real Ed25519 signer, interaction payloads, their settings."""
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import httpx
-import uvicorn
-from fastapi import FastAPI
 from nacl.signing import SigningKey
 
 from config.settings import Settings
-from worker.cli.redis_embedded import free_port
 
 
 class Signer:
@@ -76,41 +69,6 @@ def read_command(url: str, *, user_id: str, size: int, filename: str = "digit.pn
                    resolved={"attachments": {attachment_id: attachment}})
 
 
-@dataclass
-class ServedApp:
-    url: str
-    app: FastAPI
-    server: uvicorn.Server
-    thread: threading.Thread
-
-    def post(self, signer: Signer, payload: dict[str, Any] | bytes, **kwargs: Any) -> httpx.Response:
-        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        return httpx.post(self.url + "/discord/interactions", content=body, headers=signer.sign(body), timeout=10,
-                          **kwargs)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-
-
-def serve(settings: Settings) -> ServedApp:
-    """The real app (`create_app`) under uvicorn on a loopback port, in a thread of this process."""
-    from app.main import create_app
-
-    app = create_app(settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the app did not start")
-        time.sleep(0.02)
-    return ServedApp(f"http://127.0.0.1:{port}", app, server, thread)
-
-
 def settings_for(signer: Signer | None, api_base: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "discord_public_key": signer.public_key if signer else None,
@@ -122,10 +80,3 @@ def settings_for(signer: Signer | None, api_base: str, **overrides: Any) -> Sett
     values.update(overrides)
     return Settings(_env_file=None, **values)
 
-
-def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)

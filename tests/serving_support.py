@@ -21,12 +21,12 @@ import httpx
 import torch
 from PIL import Image, ImageDraw
 
-from app.contracts import N_CLASSES, ManifestV1_1
-from app.main import create_app
+from app.contracts import N_CLASSES, WEIGHTS_FILE, ManifestV1_1
 from app.network import ARCH, build_model
 from app.preprocess import PREPROCESS_HASH
-from app.store import WEIGHTS_FILE, ModelStore
+from app.store import ModelStore
 from config.settings import ApiSettings, Settings
+from tests.support import serve
 
 API_KEY = "test-admin-key"
 MODEL_ID = "mnist_resnet18_v1"
@@ -44,12 +44,13 @@ def make_settings(data_dir: Path, *, api_key: str | None = API_KEY, **api: objec
 
 @contextlib.asynccontextmanager
 async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The real app with its lifespan run (the model server started), spoken to over ASGI."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api", timeout=60) as client:
+    """The real app served on loopback (`tests.support.serve`), and an HTTP client for it."""
+    served = serve(settings)
+    try:
+        async with httpx.AsyncClient(base_url=served.url, timeout=60) as client:
             yield client
+    finally:
+        served.stop()
 
 
 @functools.lru_cache(maxsize=1)

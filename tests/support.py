@@ -1,27 +1,81 @@
-"""Helpers for tests that run the real processes: the API under uvicorn on loopback, workers."""
+"""Helpers for tests that run the real parts: the real app served over HTTP on loopback, child processes
+(workers, `make run`), and waiting for something to happen."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
-import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import httpx
+import uvicorn
+from fastapi import FastAPI
 
+from config.settings import Settings
 from worker.cli.redis_embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Signs(Protocol):
+    def sign(self, body: bytes, timestamp: str | None = None) -> dict[str, str]: ...
+
+
+@dataclass
+class ServedApp:
+    url: str
+    app: FastAPI
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def post(self, signer: Signs, payload: dict[str, Any] | bytes, **kwargs: Any) -> httpx.Response:
+        """A Discord interaction, signed as Discord signs it."""
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return httpx.post(self.url + "/discord/interactions", content=body, headers=signer.sign(body), timeout=10,
+                          **kwargs)
+
+    def stop(self) -> None:
+        """Shut down as uvicorn does on Ctrl-C (the app's lifespan ends); fails if it does not."""
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "the app did not shut down"
+
+
+def serve(settings: Settings) -> ServedApp:
+    """The real app (`create_app`) under uvicorn on a loopback port, in a thread of this process."""
+    from app.main import create_app
+
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started or not thread.is_alive(), timeout=60, what="the app to start")
+    if not server.started:
+        raise RuntimeError("the app did not start")
+    return ServedApp(f"http://127.0.0.1:{port}", app, server, thread)
 
 
 @dataclass
 class LiveProcess:
     proc: subprocess.Popen[bytes]
     log_path: Path
-    url: str = ""
     env: dict[str, str] = field(default_factory=dict)
 
     def log(self) -> str:
@@ -52,27 +106,3 @@ def spawn(args: list[str], env: dict[str, str], log_path: Path) -> LiveProcess:
     proc = subprocess.Popen(args, cwd=ROOT, env=clean_env(env), stdout=log_file, stderr=subprocess.STDOUT)
     log_file.close()
     return LiveProcess(proc=proc, log_path=log_path, env=env)
-
-
-def start_api(env: dict[str, str], log_dir: Path, timeout: float = 60.0) -> LiveProcess:
-    """uvicorn app.main:app on a free loopback port; returns once /healthz answers."""
-    port = free_port()
-    live = spawn(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning"],
-        env,
-        log_dir / f"api-{port}.log",
-    )
-    live.url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if live.proc.poll() is not None:
-            raise RuntimeError(f"API exited at start:\n{live.log()}")
-        try:
-            if httpx.get(live.url + "/healthz", timeout=1.0).status_code == 200:
-                return live
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    live.stop()
-    raise RuntimeError(f"API did not come up:\n{live.log()}")

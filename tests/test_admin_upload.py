@@ -1,7 +1,7 @@
 """Admin upload, listing and rollback, through the real app with real ResNet-18 weights.
 
 Every refusal leaves the store byte-identical and the served model answering as before; the
-hot swap under load and the restart run against a live uvicorn process.
+hot swap under load and the restart run against a live uvicorn server.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from tests.serving_support import (
     upload_files,
     weights_bytes,
 )
-from tests.support import LiveProcess
+from tests.support import ServedApp
 
 pytestmark = pytest.mark.anyio
 
@@ -311,14 +311,14 @@ async def test_a_stored_version_that_no_longer_loads_is_not_activated(data_dir: 
 
 
 def test_hot_swap_under_load_drops_no_read_and_a_restart_serves_the_same_active_version(
-    data_dir: Path, start_api_process: Callable[[dict[str, str]], LiveProcess]
+    data_dir: Path, served_app: Callable[..., ServedApp]
 ) -> None:
     for digit in (3, 4):
         install_model(data_dir, f"v{digit}", forced_digit=digit, activate=False)
     install_model(data_dir, "v0", forced_digit=0)
-    env = {"DATA_DIR": str(data_dir), "HANDWRITING_API_KEY": API_KEY, "API__KEEP_VERSIONS": "20",
-           "API__READ_TIMEOUT_S": "30"}
-    live = start_api_process(env)
+    settings = {"data_dir": data_dir, "handwriting_api_key": API_KEY,
+                "api": {"keep_versions": 20, "read_timeout_s": 30}}
+    live = served_app(**settings)
     digit_of = {"v0": 0, "v3": 3, "v4": 4}
     # Ten activations: two uploads of new versions, eight rollbacks to stored ones.
     plan = ["v1", "v3", "v0", "v2", "v4", "v1", "v3", "v2", "v0", "v4"]
@@ -369,8 +369,8 @@ def test_hot_swap_under_load_drops_no_read_and_a_restart_serves_the_same_active_
         assert any(first <= ended and started <= last for first, last in windows[version]), (version, started)
     assert len(seen) >= 4, seen  # the swaps really happened under load
 
-    assert live.stop() == 0
-    again = start_api_process(env)
+    live.stop()
+    again = served_app(**settings)
     assert httpx.get(again.url + "/readyz").json()["version"] == plan[-1]
     response = httpx.post(again.url + "/v1/read", files={"file": ("d.png", PNG, "image/png")}, timeout=30)
     assert (response.json()["digit"], response.json()["version"]) == (digit_of[plan[-1]], plan[-1])

@@ -11,10 +11,17 @@ from pydantic import ValidationError
 from app.contracts import (
     DigitsTrainJobV1,
     ManifestV1_1,
+    TrainArtifactV1,
+    TrainBatchV1,
+    TrainBestV1,
     TrainCompletedV1,
+    TrainEpochV1,
+    TrainEventModel,
     TrainFailedV1,
     TrainProgressV1,
+    TrainPruneV1,
     TrainStartedV1,
+    TrainUploadV1,
     dump_event,
     parse_event,
 )
@@ -63,8 +70,9 @@ def test_job_round_trips_through_json() -> None:
     ],
 )
 def test_job_accepts_edges(changes: dict[str, object]) -> None:
-    DigitsTrainJobV1.model_validate(job(**changes))
-    DigitsTrainJobV1.model_validate_json(json.dumps(job(**changes)))
+    for parsed in (DigitsTrainJobV1.model_validate(job(**changes)),
+                   DigitsTrainJobV1.model_validate_json(json.dumps(job(**changes)))):
+        assert {name: getattr(parsed, name) for name in changes} == changes
 
 
 @pytest.mark.parametrize(
@@ -99,12 +107,29 @@ def test_job_requires_ids(missing: str) -> None:
         DigitsTrainJobV1.model_validate(payload)
 
 
-IDS: dict[str, object] = {"request_id": "req-1", "user_id": 7, "model_id": "mnist_resnet18_v1", "job_id": "job-1"}
+IDS: dict[str, object] = {"request_id": "req-1", "user_id": 7, "model_id": "mnist_resnet18_v1", "job_id": "job-1",
+                          "run_id": "run-1"}
+BATCH: dict[str, object] = {
+    **IDS, "epoch": 1, "total_epochs": 2, "batch": 20, "total_batches": 100, "batch_loss": 0.4, "batch_acc": 0.875,
+    "avg_loss": 0.6, "samples_per_sec": 900.5, "main_rss_mb": 812, "workers_rss_mb": 0, "worker_count": 0,
+    "cgroup_usage_mb": 2048, "cgroup_limit_mb": 8192, "cgroup_pct": 25.0, "anon_mb": 900, "file_mb": 1100,
+}
 
 
 def test_events_round_trip_as_compact_json_with_ids_and_ts() -> None:
-    events: list[TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1] = [
+    events: list[TrainEventModel] = [
         TrainStartedV1.model_validate({**IDS, "total_epochs": 1}),
+        TrainStartedV1.model_validate({**IDS, "total_epochs": 2, "device": "cpu", "batch_size": 256, "augment": True,
+                                       "aug_rotate": 10.0, "aug_translate": 2.0, "noise_prob": 0.0, "dots_prob": 0.0,
+                                       "cpu_cores": 2, "optimal_threads": 2, "memory_mb": 8192,
+                                       "optimal_workers": 0}),
+        TrainBatchV1.model_validate(BATCH),
+        TrainEpochV1.model_validate({**IDS, "epoch": 1, "total_epochs": 2, "train_loss": 0.5, "val_acc": 0.98,
+                                     "time_s": 61.2}),
+        TrainBestV1.model_validate({**IDS, "epoch": 1, "val_acc": 0.98}),
+        TrainArtifactV1.model_validate({**IDS, "path": "/data/artifacts/m/v1"}),
+        TrainUploadV1.model_validate({**IDS, "status": 200, "model_bytes": 44_800_000, "manifest_bytes": 900}),
+        TrainPruneV1.model_validate({**IDS, "deleted_count": 2}),
         TrainProgressV1.model_validate({**IDS, "epoch": 1, "total_epochs": 1, "batch": 10, "total_batches": 100,
                                         "loss": 0.5, "samples_per_sec": 140.0, "pct": 10.0}),
         TrainCompletedV1.model_validate({**IDS, "val_acc": 0.99, "test_acc": 0.992, "version": "v1",
@@ -132,6 +157,17 @@ def test_events_round_trip_as_compact_json_with_ids_and_ts() -> None:
         ' "epoch": 1, "total_epochs": 1, "batch": 1, "total_batches": 1, "loss": 1.0, "samples_per_sec": 1.0,'
         ' "pct": 101.0}',
         "not json",
+        # The bot's JSON types, exactly: an int is not 1.0 or "1", a number is not a string, a bool is not 1.
+        json.dumps({**BATCH, "type": "digits.train.batch.v1", "epoch": 1.0}),
+        json.dumps({**BATCH, "type": "digits.train.batch.v1", "main_rss_mb": "812"}),
+        json.dumps({**BATCH, "type": "digits.train.batch.v1", "batch_loss": "0.4"}),
+        json.dumps({**{k: v for k, v in BATCH.items() if k != "cgroup_pct"}, "type": "digits.train.batch.v1"}),
+        json.dumps({**IDS, "type": "digits.train.started.v1", "total_epochs": 1, "augment": 1}),
+        json.dumps({**IDS, "type": "digits.train.started.v1"}),  # total_epochs is required
+        json.dumps({**IDS, "type": "digits.train.upload.v1", "status": "200", "model_bytes": 1,
+                    "manifest_bytes": 1}),
+        json.dumps({**IDS, "type": "digits.train.completed.v1", "val_acc": 0.9, "test_acc": 0.9, "version": "v",
+                    "activated": True, "run_id": 5}),
     ],
 )
 def test_bad_events_are_refused(raw: str) -> None:

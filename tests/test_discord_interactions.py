@@ -13,8 +13,9 @@ import redis
 from rq import Queue
 from rq.job import Job
 
-from tests.discord_support import ServedApp, Signer, command, serve, settings_for, snowflake
+from tests.discord_support import Signer, command, settings_for, snowflake
 from tests.fake_discord import FakeDiscord
+from tests.support import ServedApp, serve
 from worker.cli.redis_embedded import EmbeddedRedis, free_port
 
 EPHEMERAL = 64

@@ -8,10 +8,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.discord_support import ServedApp, Signer, read_command, serve, settings_for, snowflake
+from tests.discord_support import Signer, read_command, settings_for, snowflake
 from tests.fake_discord import FakeDiscord, not_found, rate_limited
 from tests.images import draw_digit, encode
 from tests.serving_support import API_KEY, manifest, upload_files, weights_bytes
+from tests.support import ServedApp, serve
 from worker.cli.redis_embedded import free_port
 
 EDIT = r"^/webhooks/424242/[^/]+/messages/@original$"

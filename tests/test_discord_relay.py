@@ -14,8 +14,9 @@ import redis
 
 from app.contracts import TrainCompletedV1, TrainFailedV1, TrainProgressV1, TrainStartedV1, dump_event
 from app.discord.state import TrainRecord, train_record_key
-from tests.discord_support import ServedApp, Signer, command, serve, settings_for, snowflake, wait_until
+from tests.discord_support import Signer, command, settings_for, snowflake
 from tests.fake_discord import FakeDiscord, Scripted
+from tests.support import ServedApp, serve, wait_until
 from worker.cli.redis_embedded import EmbeddedRedis, free_port
 
 CHANNEL = "digits:events"
@@ -121,7 +122,7 @@ def test_failure_shows_a_short_reason(api: ServedApp, signer: Signer, r: redis.R
 
 def test_events_of_jobs_not_started_from_discord_are_left_alone(api: ServedApp, r: redis.Redis,
                                                                  fake: FakeDiscord) -> None:
-    stranger = TrainStartedV1(request_id="from-http", user_id=1, model_id="m", job_id="j")
+    stranger = TrainStartedV1(request_id="from-http", user_id=1, model_id="m", job_id="j", total_epochs=1)
     r.publish(CHANNEL, dump_event(stranger))
     r.publish(CHANNEL, b"not json at all")
     time.sleep(0.5)

@@ -13,10 +13,10 @@ import httpx
 import pytest
 import redis
 
-from tests.support import LiveProcess
-from tests.train_support import API_KEY, TINY_TRAINING, start_worker, wait_until
+from tests.support import LiveProcess, ServedApp, wait_until
+from tests.train_support import API_KEY, TINY_TRAINING, start_worker
 
-StartApi = Callable[[dict[str, str]], LiveProcess]
+ServeApp = Callable[..., ServedApp]
 PUBLIC_FIELDS = {"job_id", "status", "stage", "model_id", "progress", "val_acc", "test_acc", "version", "activated",
                  "error_kind", "enqueued_at", "started_at", "ended_at"}
 PROGRESS_FIELDS = {"epoch", "total_epochs", "batch", "total_batches", "loss", "samples_per_sec", "pct"}
@@ -53,12 +53,12 @@ class EventStream:
 
 
 @pytest.fixture
-def stack(start_api_process: StartApi, redis_url: str, data_dir: Path) -> LiveProcess:
-    return start_api_process({"REDIS_URL": redis_url, "DATA_DIR": str(data_dir), "HANDWRITING_API_KEY": API_KEY})
+def stack(served_app: ServeApp, redis_url: str, data_dir: Path) -> ServedApp:
+    return served_app(data_dir=data_dir, handwriting_api_key=API_KEY, redis_url=redis_url)
 
 
 @pytest.fixture
-def worker(tmp_path: Path, redis_url: str, data_dir: Path, stack: LiveProcess) -> Iterator[Callable[[], LiveProcess]]:
+def worker(tmp_path: Path, redis_url: str, data_dir: Path, stack: ServedApp) -> Iterator[Callable[[], LiveProcess]]:
     started: list[LiveProcess] = []
 
     def start() -> LiveProcess:
@@ -73,7 +73,7 @@ def worker(tmp_path: Path, redis_url: str, data_dir: Path, stack: LiveProcess) -
         live.stop(signal.SIGINT, timeout=10)
 
 
-def _enqueue(api: LiveProcess) -> str:
+def _enqueue(api: ServedApp) -> str:
     r = httpx.post(api.url + "/v1/train", headers={"X-Api-Key": API_KEY},
                    json={"batch_size": 8, "user_id": 4242, "model_id": "digits_sse"})
     assert r.status_code == 202, r.text
@@ -81,7 +81,7 @@ def _enqueue(api: LiveProcess) -> str:
 
 
 def test_events_start_with_the_state_now_and_end_after_the_final_one(
-    stack: LiveProcess, worker: Callable[[], LiveProcess]
+    stack: ServedApp, worker: Callable[[], LiveProcess]
 ) -> None:
     job_id = _enqueue(stack)
     with httpx.stream("GET", f"{stack.url}/v1/jobs/{job_id}/events", timeout=120) as response:
@@ -120,7 +120,7 @@ def test_events_start_with_the_state_now_and_end_after_the_final_one(
 
 
 def test_the_stream_survives_losing_its_redis_connections(
-    stack: LiveProcess, worker: Callable[[], LiveProcess], redis_url: str
+    stack: ServedApp, worker: Callable[[], LiveProcess], redis_url: str
 ) -> None:
     job_id = _enqueue(stack)
     admin = redis.Redis.from_url(redis_url)
@@ -150,11 +150,11 @@ def test_the_stream_survives_losing_its_redis_connections(
 
 
 def test_unknown_jobs_and_no_redis_answer_as_get_job_does(
-    stack: LiveProcess, start_api_process: StartApi, data_dir: Path
+    stack: ServedApp, served_app: ServeApp, data_dir: Path
 ) -> None:
     missing = httpx.get(f"{stack.url}/v1/jobs/no-such-job/events")
     assert missing.status_code == 404 and missing.json()["code"] == "not_found"
     assert httpx.get(f"{stack.url}/v1/jobs/no-such-job").json()["code"] == "not_found"
-    without = start_api_process({"DATA_DIR": str(data_dir)})
+    without = served_app(data_dir=data_dir)
     r = httpx.get(f"{without.url}/v1/jobs/abc/events")
     assert r.status_code == 503 and r.json()["code"] == "training_unavailable"

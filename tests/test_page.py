@@ -27,10 +27,10 @@ from selenium.webdriver.common.keys import Keys
 from app.routes.page import _asset
 from tests.browser_support import Page, needs_chromium, open_browser
 from tests.serving_support import API_KEY, MODEL_ID, install_model
-from tests.support import ROOT, LiveProcess
+from tests.support import ROOT, ServedApp
 from tests.train_support import TINY_TRAINING, start_worker
 
-StartApi = Callable[[dict[str, str]], LiveProcess]
+ServeApp = Callable[..., ServedApp]
 EXAMPLES = ROOT / "examples"
 
 # One stroke of a 7 in pad fractions: the bar, then the slanted leg.
@@ -82,15 +82,15 @@ def ink_rows_and_cols(page: Page) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.
 
 
 @pytest.fixture
-def api_with_models(start_api_process: StartApi, data_dir: Path) -> LiveProcess:
+def api_with_models(served_app: ServeApp, data_dir: Path) -> ServedApp:
     """The API with two stored versions: v7 (always answers 7, active) and v3 (always answers 3)."""
     install_model(data_dir, "v3", forced_digit=3, activate=False)
     install_model(data_dir, "v7", forced_digit=7)
-    return start_api_process({"DATA_DIR": str(data_dir), "HANDWRITING_API_KEY": API_KEY})
+    return served_app(data_dir=data_dir, handwriting_api_key=API_KEY)
 
 
 @needs_chromium
-def test_draw_a_seven_with_the_pen_and_read_it(page: Page, api_with_models: LiveProcess) -> None:
+def test_draw_a_seven_with_the_pen_and_read_it(page: Page, api_with_models: ServedApp) -> None:
     page.open(api_with_models.url)
     assert page.text("model-version") == "v7" and page.text("model-id") == MODEL_ID
     page.shot("1-loaded")
@@ -126,7 +126,7 @@ def test_draw_a_seven_with_the_pen_and_read_it(page: Page, api_with_models: Live
 
 
 @needs_chromium
-def test_roll_back_then_read_a_photo_picked_and_dropped(page: Page, api_with_models: LiveProcess) -> None:
+def test_roll_back_then_read_a_photo_picked_and_dropped(page: Page, api_with_models: ServedApp) -> None:
     page.open(api_with_models.url)
     assert page.visible("versions-hint") and not page.visible("versions-table")
     # Keyboard only: type the key, Enter.
@@ -163,10 +163,10 @@ def test_roll_back_then_read_a_photo_picked_and_dropped(page: Page, api_with_mod
 
 @needs_chromium
 def test_train_from_the_page_and_watch_it_to_the_new_version(
-    page: Page, start_api_process: StartApi, redis_url: str, data_dir: Path, tmp_path: Path
+    page: Page, served_app: ServeApp, redis_url: str, data_dir: Path, tmp_path: Path
 ) -> None:
     install_model(data_dir, "v7", forced_digit=7)
-    api = start_api_process({"DATA_DIR": str(data_dir), "HANDWRITING_API_KEY": API_KEY, "REDIS_URL": redis_url})
+    api = served_app(data_dir=data_dir, handwriting_api_key=API_KEY, redis_url=redis_url)
     worker = start_worker({"REDIS_URL": redis_url, **TINY_TRAINING, "DATA_DIR": str(data_dir / "worker"),
                            "HANDWRITING_API_URL": api.url, "HANDWRITING_API_KEY": API_KEY}, tmp_path, redis_url)
     try:
@@ -211,9 +211,9 @@ def test_train_from_the_page_and_watch_it_to_the_new_version(
 
 @needs_chromium
 def test_before_any_model_a_read_says_so_with_the_training_progress(
-    page: Page, start_api_process: StartApi, redis_url: str, data_dir: Path
+    page: Page, served_app: ServeApp, redis_url: str, data_dir: Path
 ) -> None:
-    api = start_api_process({"DATA_DIR": str(data_dir), "HANDWRITING_API_KEY": API_KEY, "REDIS_URL": redis_url})
+    api = served_app(data_dir=data_dir, handwriting_api_key=API_KEY, redis_url=redis_url)
     job = httpx.post(api.url + "/v1/train", headers={"X-Api-Key": API_KEY}, json={"epochs": 1}).json()["job_id"]
     page.open(api.url)
     assert page.text("status") == "No model is loaded yet."
@@ -228,8 +228,8 @@ def test_before_any_model_a_read_says_so_with_the_training_progress(
     assert page.console_errors(allowed=("/v1/read?visualize=true - Failed to load resource",)) == []
 
 
-def test_the_page_calls_only_documented_routes(start_api_process: StartApi, data_dir: Path) -> None:
-    api = start_api_process({"DATA_DIR": str(data_dir)})
+def test_the_page_calls_only_documented_routes(served_app: ServeApp, data_dir: Path) -> None:
+    api = served_app(data_dir=data_dir)
     documented = httpx.get(api.url + "/openapi.json").json()["paths"]
     patterns = [re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", path) + "$") for path in documented]
     html = httpx.get(api.url + "/").text

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import struct
 import zlib
 
@@ -12,8 +14,10 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from app import preprocess as preprocess_module
 from app.preprocess import (
     BOX_SIDE,
+    PREPROCESS_DESCRIPTION,
     PREPROCESS_HASH,
     BadDimensionsError,
     InvalidImageError,
@@ -135,8 +139,21 @@ def test_mnist_like_input_is_nearly_unchanged() -> None:
     assert np.abs(again - src).mean() < 0.03
 
 
-def test_hash_is_sha256_hex() -> None:
-    assert len(PREPROCESS_HASH) == 64 and int(PREPROCESS_HASH, 16) >= 0
+CONSTANTS = sorted(json.loads(PREPROCESS_DESCRIPTION)["constants"])
+
+
+def test_hash_is_the_sha256_of_the_canonical_description_with_the_constants_in_use() -> None:
+    assert hashlib.sha256(PREPROCESS_DESCRIPTION.encode("utf-8")).hexdigest() == PREPROCESS_HASH
+    described = json.loads(PREPROCESS_DESCRIPTION)
+    assert described["constants"] == {name: getattr(preprocess_module, name) for name in CONSTANTS}
+    assert {"BOX_SIDE", "CANVAS", "MNIST_MEAN", "MNIST_STD", "TARGET_STROKE_PX"} <= set(CONSTANTS)
+
+
+@pytest.mark.parametrize("name", CONSTANTS)
+def test_changing_any_preprocessing_constant_changes_the_hash(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(preprocess_module, name, getattr(preprocess_module, name) * 2)
+    changed = preprocess_module._canonical_description()
+    assert hashlib.sha256(changed.encode("utf-8")).hexdigest() != PREPROCESS_HASH
 
 
 # --- bad input: each a specific, catchable error --------------------------------------------------

@@ -19,7 +19,7 @@ from PIL import Image
 
 from app.preprocess import PREPROCESS_HASH
 from tests.serving_support import digit_png, install_model, make_settings, png_bytes, running_app
-from tests.support import LiveProcess
+from tests.support import ServedApp
 
 pytestmark = pytest.mark.anyio
 
@@ -65,8 +65,16 @@ async def test_read_answers_the_digit_with_the_model_that_computed_it(client: ht
     assert body["model_id"] == "mnist_resnet18_v1" and body["version"] == "v7"
     assert len(body["probs"]) == 10 and abs(sum(body["probs"]) - 1.0) < 1e-4
     assert body["confidence"] == max(body["probs"]) and body["uncertain"] is False
-    assert body["latency_ms"] > 0
     assert "visual_png_b64" not in body
+
+
+async def test_latency_is_whole_milliseconds_as_the_gateway_bot_parses_it(client: httpx.AsyncClient) -> None:
+    # The bot reads it with int(str(value)): "19.07" would fail every read it makes.
+    latency = (await read(client, PNG)).json()["latency_ms"]  # json: 19 stays an int, 19.07 a float
+    assert isinstance(latency, int) and not isinstance(latency, bool) and latency >= 0
+    assert int(str(latency)) == latency
+    schema = (await client.get("/openapi.json")).json()["components"]["schemas"]["ReadResponse"]
+    assert schema["properties"]["latency_ms"]["type"] == "integer"
 
 
 async def test_image_type_comes_from_the_bytes_not_the_declared_type(client: httpx.AsyncClient) -> None:
@@ -223,10 +231,10 @@ async def test_active_model_readyz_version_and_metrics(client: httpx.AsyncClient
 
 
 def test_live_server_reads_and_refuses_a_declared_oversize_body_before_reading_it(
-    data_dir: Path, start_api_process: Callable[[dict[str, str]], LiveProcess]
+    data_dir: Path, served_app: Callable[..., ServedApp]
 ) -> None:
     install_model(data_dir, "v7", forced_digit=7)
-    live = start_api_process({"DATA_DIR": str(data_dir)})
+    live = served_app(data_dir=data_dir)
     response = httpx.post(live.url + "/v1/read", files={"file": ("d.png", PNG, "image/png")}, timeout=30)
     assert response.status_code == 200 and response.json()["digit"] == 7
 

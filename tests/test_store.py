@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from app.contracts import ManifestV1_1
-from app.store import WEIGHTS_FILE, ModelStore, VersionExistsError, VersionNotFoundError
+from app.contracts import WEIGHTS_FILE, ManifestV1_1
+from app.store import ModelStore, VersionExistsError, VersionNotFoundError
 from tests.serving_support import manifest
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -12,18 +12,18 @@ from rq.job import Job
 
 from app.contracts import TRAIN_JOB_FUNC, DigitsTrainJobV1
 from tests.serving_support import digit_png, install_model
-from tests.support import LiveProcess
+from tests.support import ServedApp
 from tests.train_support import API_KEY
 from worker.cli.redis_embedded import free_port
 
-StartApi = Callable[[dict[str, str]], LiveProcess]
+ServeApp = Callable[..., ServedApp]
 KEY = {"X-Api-Key": API_KEY}
 
 
 def test_train_enqueues_with_the_contract_options_and_validated_overrides(
-    start_api_process: StartApi, redis_url: str, data_dir: Path
+    served_app: ServeApp, redis_url: str, data_dir: Path
 ) -> None:
-    api = start_api_process({"REDIS_URL": redis_url, "DATA_DIR": str(data_dir), "HANDWRITING_API_KEY": API_KEY})
+    api = served_app(redis_url=redis_url, data_dir=data_dir, handwriting_api_key=API_KEY)
     with httpx.Client(base_url=api.url, timeout=30) as client:
         r = client.post("/v1/train", headers={**KEY, "X-Request-ID": "req-abc-1"},
                         json={"epochs": 2, "lr": 1, "augment": False, "user_id": 42, "model_id": "digits_b"})
@@ -64,8 +64,8 @@ def test_train_enqueues_with_the_contract_options_and_validated_overrides(
             assert f"a model is training now (job {latest}: waiting for a worker" in answer.json()["message"]
 
 
-def test_train_refuses_bad_keys_and_bad_overrides(start_api_process: StartApi, redis_url: str, data_dir: Path) -> None:
-    api = start_api_process({"REDIS_URL": redis_url, "DATA_DIR": str(data_dir), "HANDWRITING_API_KEY": API_KEY})
+def test_train_refuses_bad_keys_and_bad_overrides(served_app: ServeApp, redis_url: str, data_dir: Path) -> None:
+    api = served_app(redis_url=redis_url, data_dir=data_dir, handwriting_api_key=API_KEY)
     with httpx.Client(base_url=api.url, timeout=30) as client:
         assert client.post("/v1/train").status_code == 401
         r = client.post("/v1/train", headers={"X-Api-Key": "wrong"})
@@ -84,20 +84,20 @@ def test_train_refuses_bad_keys_and_bad_overrides(start_api_process: StartApi, r
     conn.close()
 
 
-def test_train_without_a_key_configured_is_closed(start_api_process: StartApi, redis_url: str, data_dir: Path) -> None:
-    api = start_api_process({"REDIS_URL": redis_url, "DATA_DIR": str(data_dir)})
+def test_train_without_a_key_configured_is_closed(served_app: ServeApp, redis_url: str, data_dir: Path) -> None:
+    api = served_app(redis_url=redis_url, data_dir=data_dir)
     r = httpx.post(api.url + "/v1/train", headers={"X-Api-Key": ""}, timeout=30)
     assert r.status_code == 401
 
 
 def test_without_redis_training_is_unavailable_and_reads_still_work(
-    start_api_process: StartApi, data_dir: Path
+    served_app: ServeApp, data_dir: Path
 ) -> None:
     install_model(data_dir, "v1", forced_digit=7)
-    no_redis = start_api_process({"DATA_DIR": str(data_dir), "HANDWRITING_API_KEY": API_KEY})
+    no_redis = served_app(data_dir=data_dir, handwriting_api_key=API_KEY)
     down_port = free_port()
-    redis_down = start_api_process({"DATA_DIR": str(data_dir), "HANDWRITING_API_KEY": API_KEY,
-                                    "REDIS_URL": f"redis://127.0.0.1:{down_port}/0"})
+    redis_down = served_app(data_dir=data_dir, handwriting_api_key=API_KEY,
+                            redis_url=f"redis://127.0.0.1:{down_port}/0")
     for api, wording in ((no_redis, "not configured"), (redis_down, "cannot be reached")):
         with httpx.Client(base_url=api.url, timeout=30) as client:
             t0 = time.monotonic()

@@ -6,6 +6,7 @@ events in order with matching ids, job status through its stages, upload + activ
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -25,14 +26,13 @@ from app.contracts import (
     TrainCompletedV1,
     TrainFailedV1,
     TrainProgressV1,
+    parse_event,
 )
 from app.queue import enqueue_train, read_job
 from tests.serving_support import digit_png
-from tests.support import LiveProcess
-from tests.train_support import API_KEY, TINY_TRAINING, EventListener, start_worker, wait_until
+from tests.support import LiveProcess, ServedApp, wait_until
+from tests.train_support import API_KEY, TINY_TRAINING, EventListener, fake_run_dir, start_worker
 from worker.cli.redis_embedded import free_port
-
-StartApi = Callable[[dict[str, str]], LiveProcess]
 
 
 @pytest.fixture
@@ -72,15 +72,68 @@ def _scheduled(conn: redis.Redis) -> int:
     return n
 
 
+# The gateway bot's decoder (issue 15): per event, each required field and its JSON type.
+# "number" is a JSON int or float; "int" must be a JSON integer; "str?" is a string or null.
+BOT_COMMON = {"type": "str", "request_id": "str", "user_id": "int", "model_id": "str", "run_id": "str?", "ts": "str"}
+BOT_REQUIRED: dict[str, dict[str, str]] = {
+    "digits.train.started.v1": {"total_epochs": "int"},
+    "digits.train.batch.v1": {
+        "epoch": "int", "total_epochs": "int", "batch": "int", "total_batches": "int", "batch_loss": "number",
+        "batch_acc": "number", "avg_loss": "number", "samples_per_sec": "number", "main_rss_mb": "int",
+        "workers_rss_mb": "int", "worker_count": "int", "cgroup_usage_mb": "int", "cgroup_limit_mb": "int",
+        "cgroup_pct": "number", "anon_mb": "int", "file_mb": "int",
+    },
+    "digits.train.epoch.v1": {"epoch": "int", "total_epochs": "int", "train_loss": "number", "val_acc": "number",
+                              "time_s": "number"},
+    "digits.train.best.v1": {"epoch": "int", "val_acc": "number"},
+    "digits.train.artifact.v1": {"path": "str"},
+    "digits.train.upload.v1": {"status": "int", "model_bytes": "int", "manifest_bytes": "int"},
+    "digits.train.prune.v1": {"deleted_count": "int"},
+    "digits.train.completed.v1": {"val_acc": "number"},
+    "digits.train.failed.v1": {"error_kind": "str", "message": "str"},
+    "digits.train.progress.v1": {},  # ours; the bot ignores it
+}
+BOT_OPTIONAL = {  # started.v1's optional fields: when present, of these types
+    "device": "str", "batch_size": "int", "augment": "bool", "aug_rotate": "number", "aug_translate": "number",
+    "noise_prob": "number", "dots_prob": "number", "cpu_cores": "int", "optimal_threads": "int",
+    "memory_mb": "int", "optimal_workers": "int", "max_batch_size": "int",
+}
+
+
+def _json_type_ok(value: object, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str?":
+        return value is None or isinstance(value, str)
+    return isinstance(value, str)
+
+
+def assert_bot_json_types(message: dict[str, object]) -> None:
+    kind = message.get("type")
+    assert isinstance(kind, str) and kind in BOT_REQUIRED, f"not an event the family has: {kind}"
+    for name, want in {**BOT_COMMON, **BOT_REQUIRED[kind]}.items():
+        assert name in message, f"{kind} lacks {name}"
+        assert _json_type_ok(message[name], want), f"{kind}.{name} = {message[name]!r} is not a JSON {want}"
+    if kind == "digits.train.started.v1":
+        for name, want in BOT_OPTIONAL.items():
+            if message.get(name) is not None:
+                assert _json_type_ok(message[name], want), f"{kind}.{name} = {message[name]!r} is not {want}"
+    assert parse_event(json.dumps(message)).type == kind  # and our own model accepts it
+
+
 def _payload(model_id: str = "mnist_resnet18_v1") -> dict[str, object]:
     return DigitsTrainJobV1(request_id="req-1", user_id=5, batch_size=8, model_id=model_id).model_dump(mode="json")
 
 
 def test_train_upload_activate_read(
-    start_api_process: StartApi, workers: Callable[[dict[str, str]], LiveProcess], events: EventListener,
+    served_app: Callable[..., ServedApp], workers: Callable[[dict[str, str]], LiveProcess], events: EventListener,
     redis_url: str, data_dir: Path,
 ) -> None:
-    api = start_api_process({"REDIS_URL": redis_url, "DATA_DIR": str(data_dir), "HANDWRITING_API_KEY": API_KEY})
+    api = served_app(redis_url=redis_url, data_dir=data_dir, handwriting_api_key=API_KEY)
     client = httpx.Client(base_url=api.url, timeout=30)
     r = client.post("/v1/train", headers={"X-Api-Key": API_KEY, "X-Request-ID": "req-e2e"},
                     json={"batch_size": 8, "seed": 3, "user_id": 77, "model_id": "digits_e2e"})
@@ -91,13 +144,17 @@ def test_train_upload_activate_read(
     seen = [client.get(f"/v1/jobs/{job_id}", headers={"X-Api-Key": API_KEY}).json()]
     assert seen[0]["status"] == "queued"
 
-    workers({"DATA_DIR": str(data_dir / "worker"), "HANDWRITING_API_URL": api.url, "HANDWRITING_API_KEY": API_KEY})
+    # An older uploaded run and one whose upload failed: with one uploaded run kept, the older one goes.
+    older = fake_run_dir(data_dir / "worker" / "artifacts", "digits_e2e", "20200101T000000Z-00000000", uploaded=True)
+    unsent = fake_run_dir(data_dir / "worker" / "artifacts", "digits_e2e", "20200101T000000Z-11111111", uploaded=False)
+    workers({"DATA_DIR": str(data_dir / "worker"), "HANDWRITING_API_URL": api.url, "HANDWRITING_API_KEY": API_KEY,
+             "TRAIN__KEEP_ARTIFACTS": "1"})
 
     def finished() -> bool:
         seen.append(client.get(f"/v1/jobs/{job_id}", headers={"X-Api-Key": API_KEY}).json())
         return seen[-1]["status"] in ("finished", "failed")
 
-    wait_until(finished, what="the job to end")
+    wait_until(finished, timeout=180, what="the job to end")
     final = seen[-1]
     assert final["status"] == "finished", final
     statuses = [s["status"] for s in seen]
@@ -112,9 +169,33 @@ def test_train_upload_activate_read(
     assert isinstance(completed, TrainCompletedV1)
     mine = events.for_job(job_id)
     types = [e.type for e in mine]
-    assert types[0] == "digits.train.started.v1" and types[-1] == "digits.train.completed.v1"
-    assert set(types[1:-1]) == {"digits.train.progress.v1"} and len(types) == 4  # 2 batches, 2 progress
+    # The bot's family in order (2 batches at PROGRESS_EVERY=1), our own progress.v1 beside each batch.
+    assert [t for t in types if t != "digits.train.progress.v1"] == [
+        "digits.train.started.v1", "digits.train.batch.v1", "digits.train.batch.v1", "digits.train.epoch.v1",
+        "digits.train.best.v1", "digits.train.artifact.v1", "digits.train.upload.v1", "digits.train.prune.v1",
+        "digits.train.completed.v1",
+    ]
+    assert types.count("digits.train.progress.v1") == 2
     assert {(e.request_id, e.user_id, e.model_id) for e in mine} == {("req-e2e", 77, "digits_e2e")}
+    assert len({e.run_id for e in mine}) == 1 and mine[0].run_id  # one run, one id, on every event
+    raw = events.raw_for_job(job_id)
+    assert [m["type"] for m in raw] == types
+    for message in raw:
+        assert_bot_json_types(message)
+    started, batch, epoch, artifact, upload, prune = (
+        next(m for m in raw if m["type"] == f"digits.train.{name}.v1")
+        for name in ("started", "batch", "epoch", "artifact", "upload", "prune"))
+    assert (started["batch_size"], started["augment"], started["total_epochs"]) == (8, True, 1)
+    assert isinstance(started["device"], str) and started["device"].startswith("cpu")
+    assert isinstance(batch["main_rss_mb"], int) and batch["main_rss_mb"] > 50  # a process with torch loaded
+    acc = batch["batch_acc"]
+    assert isinstance(acc, float) and 0.0 <= acc <= 1.0 and (batch["batch"], batch["total_batches"]) == (1, 2)
+    assert epoch["val_acc"] == completed.val_acc
+    assert artifact["path"] == result["artifacts_dir"]
+    assert upload["status"] == 200
+    assert prune["deleted_count"] == 1 and not older.exists() and (unsent / "model.pt").is_file()
+    assert upload["model_bytes"] == Path(result["artifacts_dir"], "model.pt").stat().st_size
+    assert upload["manifest_bytes"] == Path(result["artifacts_dir"], "manifest.json").stat().st_size
     progress = [e for e in mine if isinstance(e, TrainProgressV1)]
     assert [p.pct for p in progress] == [50.0, 100.0]
     assert [e.ts for e in mine] == sorted(e.ts for e in mine)
@@ -164,6 +245,9 @@ def test_invalid_payload_fails_at_once_as_a_user_error_without_retry(
     assert failed.error_kind == "user" and "epochs" in failed.message and "augment" in failed.message
     assert (failed.request_id, failed.user_id) == ("req-1", 5)
     assert [e.type for e in events.for_job(job.id)] == ["digits.train.failed.v1"]  # no training started
+    [raw] = events.raw_for_job(job.id)
+    assert_bot_json_types(raw)
+    assert raw["run_id"] is None  # no run began
     view = read_job(conn, "digits", job.id)
     assert view is not None and view.status == "failed"
     assert view.error == {"kind": "user", "message": failed.message}
@@ -207,6 +291,9 @@ def test_work_horse_killed_mid_training_ends_failed_with_an_event(
     assert isinstance(failed, TrainFailedV1)
     assert failed.error_kind == "system" and "SIGKILL" in failed.message
     assert (failed.request_id, failed.user_id) == ("req-kill", 9)
+    assert failed.run_id is not None and failed.run_id == events.for_job(job_id)[0].run_id
+    for raw in events.raw_for_job(job_id):
+        assert_bot_json_types(raw)
     view = read_job(conn, "digits", job_id)
     assert view is not None and view.status == "failed" and view.stage == "failed"
     assert view.progress is not None and view.progress["epoch"] == 1  # what it got to is kept

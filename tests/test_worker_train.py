@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import io
 import json
 import threading
 from collections.abc import Iterator
@@ -14,14 +13,15 @@ from typing import ClassVar
 import pytest
 import torch
 
-from app.contracts import DigitsTrainJobV1, ManifestV1_1
+from app.contracts import WEIGHTS_FILE, DigitsTrainJobV1, ManifestV1_1
 from app.network import build_model
 from app.preprocess import PREPROCESS_HASH
-from worker.artifacts import write_artifacts
-from worker.augment import Modifiers
+from config.settings import TrainSettings
+from tests.train_support import fake_run_dir
+from worker.artifacts import UPLOADED_MARKER, prune_artifacts, write_artifacts
 from worker.cli.redis_embedded import free_port
 from worker.data import MnistSplits, load_mnist
-from worker.train import Progress, TrainConfig, TrainOutcome, train
+from worker.train import EpochReport, Progress, TrainOutcome, pick_hardware, train
 from worker.upload import UploadError, upload_artifacts
 
 
@@ -30,25 +30,28 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> MnistSplits:
     return load_mnist(tmp_path_factory.mktemp("cache"), val_size=8, limit=24)
 
 
-CFG = TrainConfig(epochs=2, batch_size=8, lr=0.002, seed=7, augment=True, threads=2, progress_every=2,
-                  modifiers=Modifiers(noise_prob=0.02, dots_prob=0.3, blur_prob=0.3, morph_prob=0.3))
+JOB = DigitsTrainJobV1(request_id="t", user_id=0, epochs=2, batch_size=8, lr=0.002, seed=7, augment=True)
+SETTINGS = TrainSettings(threads=2, progress_every=2, noise_prob=0.02, dots_prob=0.3, blur_prob=0.3, morph_prob=0.3)
+HARDWARE = pick_hardware(SETTINGS)
 
 
 PROGRESS: list[Progress] = []
+EPOCHS: list[EpochReport] = []
 
 
 @pytest.fixture(scope="module")
 def outcome(tiny: MnistSplits) -> TrainOutcome:
     PROGRESS.clear()
-    return train(CFG, tiny, on_progress=PROGRESS.append)
+    EPOCHS.clear()
+    return train(JOB, SETTINGS, tiny, HARDWARE, on_progress=PROGRESS.append, on_epoch=EPOCHS.append)
 
 
 def test_same_seed_gives_the_same_weights_and_another_seed_does_not(tiny: MnistSplits, outcome: TrainOutcome) -> None:
-    again = train(CFG, tiny)
+    again = train(JOB, SETTINGS, tiny, HARDWARE)
     assert outcome.state_dict.keys() == again.state_dict.keys()
     for key, value in outcome.state_dict.items():
         assert torch.equal(value, again.state_dict[key]), key
-    other = train(TrainConfig(**{**CFG.__dict__, "seed": 8, "epochs": 1}), tiny)
+    other = train(JOB.model_copy(update={"seed": 8, "epochs": 1}), SETTINGS, tiny, HARDWARE)
     assert not torch.equal(other.state_dict["fc.weight"], outcome.state_dict["fc.weight"])
 
 
@@ -58,6 +61,17 @@ def test_progress_reports_every_n_batches_and_at_each_epoch_end(outcome: TrainOu
     assert [round(p.pct, 1) for p in PROGRESS] == [33.3, 50.0, 83.3, 100.0]
     assert PROGRESS[-1].eta_s == 0.0
     assert all(p.total_batches == 3 and p.total_epochs == 2 and p.samples_per_sec > 0 for p in PROGRESS)
+
+
+def test_each_epoch_is_reported_with_its_mean_loss_and_whether_it_is_the_new_best(outcome: TrainOutcome) -> None:
+    assert [(e.epoch, e.total_epochs) for e in EPOCHS] == [(1, 2), (2, 2)]
+    assert [e.val_acc for e in EPOCHS] == [h["val_acc"] for h in outcome.history]
+    assert EPOCHS[0].is_best and EPOCHS[1].is_best == (EPOCHS[1].val_acc > EPOCHS[0].val_acc)
+    assert [e.epoch for e in EPOCHS if e.is_best][-1] == outcome.best_epoch
+    # The epoch's mean loss is the running mean the last batch event of that epoch carried.
+    assert [e.train_loss for e in EPOCHS] == [p.avg_loss for p in PROGRESS if p.batch == p.total_batches]
+    assert all(e.time_s > 0 for e in EPOCHS)
+    assert all(0.0 <= p.batch_acc <= 1.0 and p.batch_loss > 0 for p in PROGRESS)
 
 
 def test_outcome_describes_the_best_epoch(outcome: TrainOutcome) -> None:
@@ -136,6 +150,8 @@ def test_upload_retries_5xx_with_backoff_then_succeeds(fake_api: str, artifacts:
     sleeps: list[float] = []
     result = upload_artifacts(artifacts, fake_api + "/", "k3y", attempts=4, backoff_s=0.5, sleep=sleeps.append)
     assert result.activated and result.status == 200
+    assert (result.model_bytes, result.manifest_bytes) == (artifacts.weights_path.stat().st_size,
+                                                           artifacts.manifest_path.stat().st_size)
     assert sleeps == [0.5, 1.0]
     assert len(_Recorder.seen) == 3
     last = _Recorder.seen[-1]
@@ -166,8 +182,16 @@ def test_upload_to_nothing_retries_then_gives_up(artifacts: object) -> None:
     assert sleeps == [1, 2]
 
 
-def test_weights_round_trip_through_bytes(outcome: TrainOutcome) -> None:
-    buf = io.BytesIO()
-    torch.save(outcome.state_dict, buf)
-    buf.seek(0)
-    assert set(torch.load(buf, weights_only=True)) == set(outcome.state_dict)
+def test_pruning_keeps_the_newest_uploaded_runs_and_every_run_whose_upload_failed(tmp_path: Path) -> None:
+    failed = fake_run_dir(tmp_path, "a", "20260101T000000Z-00000000", uploaded=False)
+    old = [fake_run_dir(tmp_path, "a", "20260102T000000Z-11111111", uploaded=True),
+           fake_run_dir(tmp_path, "b", "20260103T000000Z-22222222", uploaded=True)]
+    newest = [fake_run_dir(tmp_path, "a", "20260104T000000Z-33333333", uploaded=True),
+              fake_run_dir(tmp_path, "b", "20260105T000000Z-44444444", uploaded=True)]
+    assert json.loads((newest[0] / UPLOADED_MARKER).read_text())["status"] == 200
+
+    assert prune_artifacts(tmp_path, keep=2) == 2
+    assert not any(d.exists() for d in old)
+    assert all((d / WEIGHTS_FILE).is_file() for d in [*newest, failed])
+    assert prune_artifacts(tmp_path, keep=2) == 0  # nothing more to do
+    assert prune_artifacts(tmp_path, keep=0) == 2 and (failed / WEIGHTS_FILE).is_file()

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
 from rq import Worker
 
-from app.contracts import TrainCompletedV1, TrainFailedV1, TrainProgressV1, TrainStartedV1, parse_event
+from app.contracts import MANIFEST_FILE, WEIGHTS_FILE, TrainEventModel, parse_event
 from tests.support import LiveProcess, spawn
+from worker.artifacts import Artifacts, mark_uploaded
 
-TrainEvent = TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1
 API_KEY = "train-test-key"
 
 # Tiny runs: 16 training images in batches of 8, 8 for validation and 16 for the test accuracy.
@@ -33,7 +33,8 @@ class EventListener:
         self._client = redis.Redis.from_url(url)
         self._pubsub = redis.client.PubSub(self._client.connection_pool, ignore_subscribe_messages=True)
         self._pubsub.subscribe(channel)
-        self.events: list[TrainEvent] = []
+        self.events: list[TrainEventModel] = []
+        self.raw: list[bytes] = []  # each message exactly as it came, in the same order as `events`
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -42,12 +43,19 @@ class EventListener:
         while not self._stop.is_set():
             message = self._pubsub.get_message(timeout=0.2)
             if message is not None and message["type"] == "message":
-                self.events.append(parse_event(message["data"]))
+                event = parse_event(message["data"])
+                self.raw.append(message["data"])
+                self.events.append(event)
 
-    def for_job(self, job_id: str) -> list[TrainEvent]:
+    def for_job(self, job_id: str) -> list[TrainEventModel]:
         return [e for e in list(self.events) if e.job_id == job_id]
 
-    def wait_for(self, job_id: str, event_type: str, timeout: float = 180.0) -> TrainEvent:
+    def raw_for_job(self, job_id: str) -> list[dict[str, object]]:
+        """The job's messages as plain JSON objects, to check JSON types the models would coerce away."""
+        decoded = [json.loads(raw) for raw in list(self.raw)]
+        return [d for d in decoded if isinstance(d, dict) and d.get("job_id") == job_id]
+
+    def wait_for(self, job_id: str, event_type: str, timeout: float = 180.0) -> TrainEventModel:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for event in self.for_job(job_id):
@@ -81,10 +89,12 @@ def start_worker(env: dict[str, str], log_dir: Path, redis_url: str, timeout: fl
     raise RuntimeError(f"worker did not register:\n{live.log()}")
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 180.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+def fake_run_dir(root: Path, model_id: str, version: str, *, uploaded: bool) -> Path:
+    """A run's directory under an artifacts root, as a worker leaves it (files stand in for real weights)."""
+    directory = root / model_id / version
+    directory.mkdir(parents=True)
+    (directory / WEIGHTS_FILE).write_bytes(b"w")
+    (directory / MANIFEST_FILE).write_text("{}")
+    if uploaded:
+        mark_uploaded(Artifacts(directory, directory / WEIGHTS_FILE, directory / MANIFEST_FILE, {}), 200)
+    return directory

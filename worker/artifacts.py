@@ -5,21 +5,30 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import secrets
+import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from app.contracts import MANIFEST_SCHEMA_VERSION, N_CLASSES, DigitsTrainJobV1, ManifestV1_1, utc_now
+from app.contracts import (
+    MANIFEST_FILE,
+    MANIFEST_SCHEMA_VERSION,
+    N_CLASSES,
+    WEIGHTS_FILE,
+    DigitsTrainJobV1,
+    ManifestV1_1,
+    utc_now,
+)
 from app.network import ARCH
 from app.preprocess import PREPROCESS_HASH
+from app.store import write_atomic
 from worker.train import TrainOutcome
 
-WEIGHTS_NAME = "model.pt"
-MANIFEST_NAME = "manifest.json"
+# Written into a run's directory once the API has accepted its model; only such runs are ever pruned.
+UPLOADED_MARKER = "uploaded.json"
 
 
 @dataclass(frozen=True)
@@ -37,15 +46,6 @@ class Artifacts:
 def new_version(now: datetime) -> str:
     """Unique per run and sortable by time: 20250101T120000Z-3f9a1c2b."""
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_artifacts(
@@ -86,8 +86,31 @@ def write_artifacts(
         "settings": settings_used,
     }
     ManifestV1_1.model_validate_json(json.dumps(manifest))  # our own output honours the contract
-    weights_path = directory / WEIGHTS_NAME
-    manifest_path = directory / MANIFEST_NAME
-    _write_atomic(weights_path, weights)
-    _write_atomic(manifest_path, json.dumps(manifest, indent=2).encode("utf-8"))
+    weights_path = directory / WEIGHTS_FILE
+    manifest_path = directory / MANIFEST_FILE
+    write_atomic(weights_path, weights)
+    write_atomic(manifest_path, json.dumps(manifest, indent=2).encode("utf-8"))
     return Artifacts(directory=directory, weights_path=weights_path, manifest_path=manifest_path, manifest=manifest)
+
+
+def mark_uploaded(artifacts: Artifacts, status: int) -> None:
+    write_atomic(artifacts.directory / UPLOADED_MARKER,
+                 json.dumps({"status": status, "uploaded_at": utc_now().isoformat()}).encode("utf-8"))
+
+
+def prune_artifacts(out_dir: Path, keep: int) -> int:
+    """Deletes the run directories under `out_dir/<model_id>/` beyond the newest `keep` uploaded ones.
+
+    Runs whose upload failed (or never happened) hold the only copy of their model and are kept.
+    Versions sort by time (see `new_version`), so the newest are the last. Returns how many were deleted.
+    """
+    uploaded = sorted((marker.parent for marker in out_dir.glob(f"*/*/{UPLOADED_MARKER}")),
+                      key=lambda d: d.name)
+    deleted = 0
+    for directory in uploaded[: max(0, len(uploaded) - keep)]:
+        try:
+            shutil.rmtree(directory)
+        except FileNotFoundError:
+            continue  # another worker sharing DATA_DIR pruned it first
+        deleted += 1
+    return deleted

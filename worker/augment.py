@@ -8,11 +8,12 @@ and works on the whole batch at once (no per-sample Python): the random affine i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Final
 
 import torch
 import torch.nn.functional as F
+
+from config.settings import TrainSettings
 
 MAX_ROTATE_DEG: Final = 10.0
 SCALE_RANGE: Final = (0.9, 1.1)
@@ -22,20 +23,6 @@ DOTS_PER_IMAGE: Final = 3
 DOT_MAX_RADIUS: Final = 1  # dots are up to 3x3 px
 OCCLUSION_MAX_SIDE: Final = 8
 BLUR_SIGMA_RANGE: Final = (0.5, 1.1)
-
-
-@dataclass(frozen=True)
-class Modifiers:
-    """Probabilities of the optional modifiers (TRAIN__*_PROB); all 0 means none runs."""
-
-    noise_prob: float = 0.0  # per pixel: salt or pepper
-    dots_prob: float = 0.0  # per image: a few ink dots and one black occluding box
-    blur_prob: float = 0.0  # per image: Gaussian blur
-    morph_prob: float = 0.0  # per image: erosion or dilation (3x3)
-
-    @property
-    def any(self) -> bool:
-        return max(self.noise_prob, self.dots_prob, self.blur_prob, self.morph_prob) > 0
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -123,8 +110,9 @@ def erode_dilate(x: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Te
     return torch.where(chosen, torch.where(dilate, dilated, eroded), x)
 
 
-def apply_modifiers(x: torch.Tensor, mods: Modifiers, gen: torch.Generator) -> torch.Tensor:
-    """The optional modifiers in a fixed order; one with probability 0 draws nothing and costs nothing."""
+def apply_modifiers(x: torch.Tensor, mods: TrainSettings, gen: torch.Generator) -> torch.Tensor:
+    """The optional modifiers (TRAIN__*_PROB) in a fixed order; one with probability 0 draws nothing and costs
+    nothing."""
     if mods.morph_prob > 0:
         x = erode_dilate(x, mods.morph_prob, gen)
     if mods.blur_prob > 0:

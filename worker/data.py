@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import io
 import logging
-import os
 import pickle
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import numpy.typing as npt
 import torch
 
 from app.preprocess import PREPROCESS_HASH, PreprocessError, preprocess_gray
+from app.store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +141,9 @@ def cache_path(cache_dir: Path) -> Path:
 
 def _write_cache(path: Path, train_x: U8, train_y: I64, test_x: U8, test_y: I64) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+    write_atomic(path, buf.getvalue())
 
 
 def _read_cache(path: Path) -> tuple[U8, I64, U8, I64] | None:

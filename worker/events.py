@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import redis
 from rq.job import Job
@@ -16,20 +17,31 @@ from app.contracts import (
     META_MODEL_ID,
     META_PROGRESS,
     META_REQUEST_ID,
+    META_RUN_ID,
     META_STAGE,
     META_USER_ID,
     MODEL_ID_PATTERN,
+    TrainArtifactV1,
+    TrainBatchV1,
+    TrainBestV1,
     TrainCompletedV1,
+    TrainEpochV1,
+    TrainEventModel,
     TrainFailedV1,
     TrainProgressV1,
+    TrainPruneV1,
     TrainStartedV1,
+    TrainUploadV1,
     dump_event,
 )
+from worker.hooks import RunHooks, RunStart
+from worker.memory import snapshot
+
+if TYPE_CHECKING:
+    from worker.train import EpochReport, Progress
+    from worker.upload import UploadResult
 
 log = logging.getLogger(__name__)
-
-TrainEventModel = TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1
-
 
 @dataclass(frozen=True)
 class EventIds:
@@ -37,6 +49,7 @@ class EventIds:
     user_id: int
     model_id: str
     job_id: str
+    run_id: str | None = None
 
 
 def salvage_ids(source: object, job_id: str, meta: dict[str, object] | None = None) -> EventIds:
@@ -51,11 +64,13 @@ def salvage_ids(source: object, job_id: str, meta: dict[str, object] | None = No
     request_id = fields.get(META_REQUEST_ID)
     user_id = fields.get(META_USER_ID)
     model_id = fields.get(META_MODEL_ID)
+    run_id = meta.get(META_RUN_ID) if isinstance(meta, dict) else None
     return EventIds(
         request_id=request_id if isinstance(request_id, str) and 0 < len(request_id) <= 64 else job_id[:64],
         user_id=user_id if isinstance(user_id, int) and not isinstance(user_id, bool) and 0 <= user_id < 2**64 else 0,
         model_id=model_id if isinstance(model_id, str) and re.match(MODEL_ID_PATTERN, model_id) else "unknown",
         job_id=job_id,
+        run_id=run_id if isinstance(run_id, str) and run_id else None,
     )
 
 
@@ -83,8 +98,9 @@ def save_meta(job: Job | None, updates: dict[str, object]) -> None:
         log.warning("could not save progress of job %s: %s", job.id, exc, extra={"job_id": job.id})
 
 
-class JobReporter:
-    """Tells the world how a job goes: an event on the channel and the same state in `job.meta`."""
+class JobReporter(RunHooks):
+    """Tells the world how a job goes, as a run's hooks: an event on the channel and the same state in
+    `job.meta`."""
 
     def __init__(self, connection: redis.Redis | None, channel: str, job: Job | None, ids: EventIds) -> None:
         self.connection = connection
@@ -94,7 +110,7 @@ class JobReporter:
 
     def _ids(self) -> dict[str, object]:
         return {"request_id": self.ids.request_id, "user_id": self.ids.user_id, "model_id": self.ids.model_id,
-                "job_id": self.ids.job_id}
+                "job_id": self.ids.job_id, "run_id": self.ids.run_id}
 
     def stage(self, name: str) -> None:
         save_meta(self.job, {META_STAGE: name})
@@ -105,15 +121,49 @@ class JobReporter:
         save_meta(self.job, updates)
         publish(self.connection, self.channel, event)
 
-    def started(self, total_epochs: int, device: str) -> None:
-        self.emit(TrainStartedV1.model_validate({**self._ids(), "total_epochs": total_epochs, "device": device}),
+    def run_started(self, start: RunStart) -> None:
+        self.ids = replace(self.ids, run_id=start.run_id)
+        self.emit(TrainStartedV1.model_validate({**self._ids(), **start.details, "total_epochs": start.total_epochs}),
                   {META_STAGE: "training", META_REQUEST_ID: self.ids.request_id, META_USER_ID: self.ids.user_id,
-                   META_MODEL_ID: self.ids.model_id})
+                   META_MODEL_ID: self.ids.model_id, META_RUN_ID: start.run_id})
 
-    def progress(self, fields: dict[str, object]) -> None:
-        event = TrainProgressV1.model_validate({**self._ids(), **fields})
+    def progress(self, progress: Progress) -> None:
+        p = progress
+        event = TrainProgressV1.model_validate({
+            **self._ids(), "epoch": p.epoch, "total_epochs": p.total_epochs, "batch": p.batch,
+            "total_batches": p.total_batches, "loss": p.loss, "samples_per_sec": p.samples_per_sec, "pct": p.pct,
+        })
         self.emit(event, {META_PROGRESS: event.model_dump(mode="json", exclude={"type", "ts", "request_id",
-                                                                              "user_id", "model_id", "job_id"})})
+                                                                              "user_id", "model_id", "job_id",
+                                                                              "run_id"})})
+        memory = snapshot()
+        self.emit(TrainBatchV1.model_validate({
+            **self._ids(), "epoch": p.epoch, "total_epochs": p.total_epochs, "batch": p.batch,
+            "total_batches": p.total_batches, "batch_loss": p.batch_loss, "batch_acc": p.batch_acc,
+            "avg_loss": p.avg_loss, "samples_per_sec": p.samples_per_sec, "main_rss_mb": memory.main_rss_mb,
+            "workers_rss_mb": memory.workers_rss_mb, "worker_count": memory.worker_count,
+            "cgroup_usage_mb": memory.cgroup.usage_mb, "cgroup_limit_mb": memory.cgroup.limit_mb,
+            "cgroup_pct": memory.cgroup.pct, "anon_mb": memory.cgroup.anon_mb, "file_mb": memory.cgroup.file_mb,
+        }))
+
+    def epoch(self, report: EpochReport) -> None:
+        self.emit(TrainEpochV1.model_validate({
+            **self._ids(), "epoch": report.epoch, "total_epochs": report.total_epochs,
+            "train_loss": report.train_loss, "val_acc": report.val_acc, "time_s": report.time_s,
+        }))
+        if report.is_best:
+            self.emit(TrainBestV1.model_validate({**self._ids(), "epoch": report.epoch, "val_acc": report.val_acc}))
+
+    def artifact(self, path: Path) -> None:
+        self.emit(TrainArtifactV1.model_validate({**self._ids(), "path": str(path)}))
+
+    def uploaded(self, result: UploadResult) -> None:
+        self.emit(TrainUploadV1.model_validate({**self._ids(), "status": result.status,
+                                                "model_bytes": result.model_bytes,
+                                                "manifest_bytes": result.manifest_bytes}))
+
+    def pruned(self, deleted_count: int) -> None:
+        self.emit(TrainPruneV1.model_validate({**self._ids(), "deleted_count": deleted_count}))
 
     def completed(self, val_acc: float, test_acc: float, version: str, activated: bool) -> None:
         self.emit(TrainCompletedV1.model_validate({**self._ids(), "val_acc": val_acc, "test_acc": test_acc,

@@ -11,22 +11,33 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 from pydantic import ValidationError
 from rq import get_current_job
 from rq.job import Job
 
-from app.contracts import META_ERROR, META_RESULT, DigitsTrainJobV1, describe_errors
+from app.contracts import (
+    META_ERROR,
+    META_MODEL_ID,
+    META_REQUEST_ID,
+    META_RESULT,
+    META_USER_ID,
+    DigitsTrainJobV1,
+    describe_errors,
+)
 from app.network import available_cores
 from config.settings import Settings, get_settings
-from worker.artifacts import write_artifacts
-from worker.augment import Modifiers
+from worker.artifacts import mark_uploaded, prune_artifacts, write_artifacts
+from worker.augment import MAX_ROTATE_DEG, MAX_SHIFT_PX
 from worker.data import MnistUnavailableError, load_mnist
 from worker.events import JobReporter, salvage_ids, save_meta
-from worker.train import Progress, TrainConfig, describe_device, pick_device, pick_precision, train
+from worker.hooks import RunHooks, RunStart
+from worker.memory import read_cgroup
+from worker.train import pick_hardware, train
 from worker.upload import UploadError, upload_artifacts
 
 log = logging.getLogger(__name__)
@@ -40,12 +51,6 @@ class JobFailure(Exception):
         self.kind: Literal["user", "system"] = kind
         self.message = message
         self.retryable = retryable
-
-
-class RunHooks(Protocol):
-    def stage(self, name: str) -> None: ...
-    def started(self, total_epochs: int, device: str) -> None: ...
-    def progress(self, progress: Progress) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -66,16 +71,6 @@ class RunResult:
         return asdict(self)
 
 
-def train_config(job: DigitsTrainJobV1, settings: Settings) -> TrainConfig:
-    t = settings.train
-    return TrainConfig(
-        epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, seed=job.seed, augment=job.augment,
-        modifiers=Modifiers(noise_prob=t.noise_prob, dots_prob=t.dots_prob, blur_prob=t.blur_prob,
-                            morph_prob=t.morph_prob),
-        device=t.device, precision=t.precision, threads=t.threads, progress_every=t.progress_every,
-    )
-
-
 def run_training(
     job: DigitsTrainJobV1,
     settings: Settings,
@@ -86,26 +81,32 @@ def run_training(
     upload: bool = True,
 ) -> RunResult:
     """Data, training, artifacts, upload. Raises JobFailure with a message fit for the user."""
-    cfg = train_config(job, settings)
-    device = pick_device(cfg.device)
-    threads = cfg.threads or available_cores()
-    hooks.started(job.epochs, describe_device(device, pick_precision(device, cfg.precision), threads))
+    hardware = pick_hardware(settings.train)
+    label, t = hardware.describe(), settings.train
+    hooks.run_started(RunStart(run_id=uuid.uuid4().hex, total_epochs=job.epochs, device=label, details={
+        "device": label, "batch_size": job.batch_size, "augment": job.augment,
+        "aug_rotate": MAX_ROTATE_DEG if job.augment else 0.0, "aug_translate": MAX_SHIFT_PX if job.augment else 0.0,
+        "noise_prob": t.noise_prob, "dots_prob": t.dots_prob,
+        "cpu_cores": available_cores(), "optimal_threads": hardware.threads, "memory_mb": read_cgroup().limit_mb,
+        "optimal_workers": 0,  # batches are cut from tensors in memory: no data-loader worker processes
+    }))
 
     hooks.stage("preparing")
     try:
         data = load_mnist(settings.cache_dir, val_size=settings.train.val_size, limit=settings.train.limit,
-                          workers=threads, on_status=lambda msg: log.info(msg))
+                          workers=hardware.threads, on_status=lambda msg: log.info(msg))
     except MnistUnavailableError as exc:
         raise JobFailure("system", f"training data unavailable: {exc}") from exc
 
     hooks.stage("training")
-    outcome = train(cfg, data, on_progress=hooks.progress)
+    outcome = train(job, settings.train, data, hardware, on_progress=hooks.progress, on_epoch=hooks.epoch)
 
     hooks.stage("saving")
     used = settings.train.model_dump(mode="json", exclude={"upload_attempts", "upload_backoff_s", "upload_timeout_s"})
     artifacts = write_artifacts(out_dir or settings.artifacts_dir, job, outcome, used)
     log.info("artifacts written to %s (val_acc %.4f, test_acc %.4f)", artifacts.directory, outcome.val_acc,
              outcome.test_acc)
+    hooks.artifact(artifacts.directory)
 
     activated = uploaded = False
     note: str | None = None
@@ -123,27 +124,19 @@ def run_training(
         except UploadError as exc:
             raise JobFailure("system", f"{exc}. The trained model is kept at {artifacts.directory}") from exc
         activated, uploaded = result.activated, True
+        mark_uploaded(artifacts, result.status)
+        hooks.uploaded(result)
+        if out_dir is None:  # only our own DATA_DIR/artifacts is pruned, never a directory the user chose
+            deleted = prune_artifacts(settings.artifacts_dir, settings.train.keep_artifacts)
+            if deleted:
+                log.info("pruned %d uploaded run(s) from %s", deleted, settings.artifacts_dir)
+                hooks.pruned(deleted)
     return RunResult(
         model_id=job.model_id, version=artifacts.version, val_acc=round(outcome.val_acc, 6),
         test_acc=round(outcome.test_acc, 6), activated=activated, uploaded=uploaded,
         artifacts_dir=str(artifacts.directory), device=outcome.device, train_seconds=round(outcome.seconds, 2),
         train_samples=outcome.train_samples, upload_note=note,
     )
-
-
-class _ReporterHooks:
-    def __init__(self, reporter: JobReporter) -> None:
-        self.reporter = reporter
-
-    def stage(self, name: str) -> None:
-        self.reporter.stage(name)
-
-    def started(self, total_epochs: int, device: str) -> None:
-        self.reporter.started(total_epochs, device)
-
-    def progress(self, progress: Progress) -> None:
-        fields = {k: v for k, v in asdict(progress).items() if k != "eta_s"}
-        self.reporter.progress(fields)
 
 
 def parse_payload(payload: object) -> DigitsTrainJobV1:
@@ -178,7 +171,7 @@ def process_train_job(payload: object) -> dict[str, object]:
         if rq_job is not None:
             ids = salvage_ids(payload if not isinstance(payload, str | bytes) else _loads(payload), job_id,
                               rq_job.meta)
-            save_meta(rq_job, {"request_id": ids.request_id, "user_id": ids.user_id, "model_id": ids.model_id})
+            save_meta(rq_job, {META_REQUEST_ID: ids.request_id, META_USER_ID: ids.user_id, META_MODEL_ID: ids.model_id})
         _record_failure(rq_job, failure)
         raise
 
@@ -187,7 +180,7 @@ def process_train_job(payload: object) -> dict[str, object]:
     reporter = JobReporter(rq_job.connection if rq_job is not None else None, settings.digits_events_channel,
                            rq_job, ids)
     try:
-        result = run_training(job, settings, _ReporterHooks(reporter))
+        result = run_training(job, settings, reporter)
     except JobFailure as failure:
         _record_failure(rq_job, failure)
         raise

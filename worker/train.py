@@ -12,15 +12,17 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.contracts import DigitsTrainJobV1
 from app.network import available_cores, build_model
 from app.preprocess import MNIST_MEAN, MNIST_STD
-from worker.augment import Modifiers, apply_modifiers, random_affine
+from config.settings import TrainSettings
+from worker.augment import apply_modifiers, random_affine
 from worker.data import MnistSplits
 
 log = logging.getLogger(__name__)
@@ -32,17 +34,19 @@ WARMUP_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 1
-    batch_size: int = 256
-    lr: float = 0.0015
-    seed: int = 42
-    augment: bool = True
-    modifiers: Modifiers = field(default_factory=Modifiers)
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    threads: int = 0  # 0: the cores available
-    progress_every: int = 20
+class Hardware:
+    """Where a run trains: the device, the autocast dtype (None: plain fp32), the CPU threads."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    threads: int
+
+    def describe(self) -> str:
+        """e.g. "cpu (2 threads, bf16)" or "cuda:0 NVIDIA H200 (bf16)"."""
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, str(self.dtype))
+        if self.device.type == "cuda":
+            return f"{self.device} {torch.cuda.get_device_name(self.device)} ({precision})"
+        return f"cpu ({self.threads} threads, {precision})"
 
 
 @dataclass(frozen=True)
@@ -51,10 +55,23 @@ class Progress:
     total_epochs: int
     batch: int
     total_batches: int
-    loss: float
+    loss: float  # smoothed (exponential moving average)
     samples_per_sec: float
     pct: float
     eta_s: float
+    batch_loss: float = 0.0  # this batch's own loss and accuracy
+    batch_acc: float = 0.0
+    avg_loss: float = 0.0  # mean loss of the epoch so far
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    epoch: int
+    total_epochs: int
+    train_loss: float  # mean over the epoch's batches
+    val_acc: float
+    time_s: float  # training and evaluation of this epoch
+    is_best: bool  # a new best validation accuracy: these weights are the ones kept
 
 
 @dataclass(frozen=True)
@@ -63,19 +80,22 @@ class TrainOutcome:
     val_acc: float
     test_acc: float
     best_epoch: int
-    device: str  # e.g. "cpu (2 threads, bf16)" or "cuda:0 NVIDIA H200 (bf16)"
+    device: str  # Hardware.describe()
     seconds: float
     train_samples: int
     augment_seconds: float  # time spent in augmentation, for the <10% budget
     history: list[dict[str, float]]
 
 
-def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+def pick_hardware(settings: TrainSettings) -> Hardware:
+    """TRAIN__DEVICE, TRAIN__PRECISION and TRAIN__THREADS made concrete for this machine."""
+    if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("TRAIN__DEVICE=cuda but CUDA is not available")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    return Hardware(device, pick_precision(device, settings.precision), settings.threads or available_cores())
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -125,45 +145,42 @@ def evaluate(
     return correct / max(1, len(images_u8))
 
 
-def describe_device(device: torch.device, dtype: torch.dtype | None, threads: int) -> str:
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
-    if device.type == "cuda":
-        return f"{device} {torch.cuda.get_device_name(device)} ({precision})"
-    return f"cpu ({threads} threads, {precision})"
-
-
 def train(
-    cfg: TrainConfig, data: MnistSplits, on_progress: Callable[[Progress], None] | None = None
+    job: DigitsTrainJobV1,
+    settings: TrainSettings,
+    data: MnistSplits,
+    hardware: Hardware,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None,
 ) -> TrainOutcome:
+    """The job's knobs (epochs, batch size, lr, seed, augment) and the worker's TRAIN__* settings."""
     started = time.perf_counter()
-    device = pick_device(cfg.device)
-    dtype = pick_precision(device, cfg.precision)
-    threads = cfg.threads or available_cores()
+    device, dtype = hardware.device, hardware.dtype
     if device.type == "cpu":
-        torch.set_num_threads(threads)
+        torch.set_num_threads(hardware.threads)
     else:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
 
     # One seed fixes the initial weights, the order of the batches and every augmentation.
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(job.seed)
     gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
+    gen.manual_seed(job.seed)
     order_gen = torch.Generator()
-    order_gen.manual_seed(cfg.seed)
+    order_gen.manual_seed(job.seed)
 
     train_x = data.train_x.to(device)
     train_y = data.train_y.to(device)
     n = len(train_x)
-    batch_size = min(cfg.batch_size, n)
+    batch_size = min(job.batch_size, n)
     steps = max(1, n // batch_size)  # the ragged tail is dropped; the next epoch's shuffle covers it
-    total_steps = steps * cfg.epochs
+    total_steps = steps * job.epochs
 
     model = build_model().to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=WARMUP_FRACTION, div_factor=10.0,
+        optimizer, max_lr=job.lr, total_steps=total_steps, pct_start=WARMUP_FRACTION, div_factor=10.0,
         final_div_factor=100.0,
     )
 
@@ -173,18 +190,18 @@ def train(
     augment_seconds = 0.0
     done = 0
     loop_started = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, job.epochs + 1):
         model.train()
         order = torch.randperm(n, generator=order_gen)[: steps * batch_size].view(steps, batch_size).to(device)
         epoch_started = time.perf_counter()
-        running = 0.0
+        running = loss_sum = 0.0
         for step in range(steps):
             idx = order[step]
             t_aug = time.perf_counter()
             x = to_unit(train_x[idx])
-            if cfg.augment:
+            if job.augment:
                 x = random_affine(x, gen)
-            x = apply_modifiers(x, cfg.modifiers, gen)
+            x = apply_modifiers(x, settings, gen)
             x = normalise(x).contiguous(memory_format=torch.channels_last)
             augment_seconds += time.perf_counter() - t_aug
             y = train_y[idx]
@@ -200,30 +217,39 @@ def train(
 
             done += 1
             loss_value = float(loss.detach())
+            loss_sum += loss_value
             running = loss_value if step == 0 else 0.9 * running + 0.1 * loss_value
-            if on_progress is not None and ((step + 1) % cfg.progress_every == 0 or step + 1 == steps):
+            if on_progress is not None and ((step + 1) % settings.progress_every == 0 or step + 1 == steps):
                 elapsed = time.perf_counter() - epoch_started
                 per_step = (time.perf_counter() - loop_started) / done
+                batch_acc = float((logits.detach().argmax(dim=1) == y).float().mean())
                 on_progress(Progress(
-                    epoch=epoch, total_epochs=cfg.epochs, batch=step + 1, total_batches=steps,
+                    epoch=epoch, total_epochs=job.epochs, batch=step + 1, total_batches=steps,
                     loss=round(running, 5), samples_per_sec=round((step + 1) * batch_size / max(elapsed, 1e-9), 2),
                     pct=round(100.0 * done / total_steps, 2), eta_s=round(per_step * (total_steps - done), 1),
+                    batch_loss=round(loss_value, 5), batch_acc=round(batch_acc, 5),
+                    avg_loss=round(loss_sum / (step + 1), 5),
                 ))
 
         epoch_seconds = time.perf_counter() - epoch_started
         val_acc = evaluate(model, data.val_x, data.val_y, device, dtype)
         history.append({"epoch": float(epoch), "loss": running, "val_acc": val_acc, "seconds": epoch_seconds,
                         "eval_seconds": time.perf_counter() - epoch_started - epoch_seconds})
-        log.info("epoch %d/%d: loss %.4f, val_acc %.4f", epoch, cfg.epochs, running, val_acc)
-        if val_acc > best_acc:
+        log.info("epoch %d/%d: loss %.4f, val_acc %.4f", epoch, job.epochs, running, val_acc)
+        is_best = val_acc > best_acc
+        if is_best:
             best_acc, best_epoch = val_acc, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if on_epoch is not None:
+            on_epoch(EpochReport(epoch=epoch, total_epochs=job.epochs, train_loss=round(loss_sum / steps, 5),
+                                 val_acc=val_acc, time_s=round(time.perf_counter() - epoch_started, 3),
+                                 is_best=is_best))
 
     model.load_state_dict(best_state)
     test_acc = evaluate(model, data.test_x, data.test_y, device, dtype)
     state = {k: v.contiguous() for k, v in best_state.items()}
     return TrainOutcome(
         state_dict=state, val_acc=best_acc, test_acc=test_acc, best_epoch=best_epoch,
-        device=describe_device(device, dtype, threads), seconds=time.perf_counter() - started,
+        device=hardware.describe(), seconds=time.perf_counter() - started,
         train_samples=n, augment_seconds=augment_seconds, history=history,
     )

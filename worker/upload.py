@@ -15,6 +15,7 @@ from typing import Final
 
 import httpx
 
+from app.contracts import MANIFEST_FILE, WEIGHTS_FILE
 from worker.artifacts import Artifacts
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class UploadResult:
     activated: bool
     status: int
     body: dict[str, object]
+    model_bytes: int
+    manifest_bytes: int
 
 
 def _describe(response: httpx.Response) -> str:
@@ -67,8 +70,8 @@ def upload_artifacts(
                     headers={"X-Api-Key": api_key},
                     data={"model_id": model_id, "activate": "true"},
                     files={
-                        "manifest": ("manifest.json", manifest_bytes, "application/json"),
-                        "model": ("model.pt", weights_bytes, "application/octet-stream"),
+                        "manifest": (MANIFEST_FILE, manifest_bytes, "application/json"),
+                        "model": (WEIGHTS_FILE, weights_bytes, "application/octet-stream"),
                     },
                 )
             except httpx.TransportError as exc:  # connection refused/reset, DNS, timeouts
@@ -81,7 +84,8 @@ def upload_artifacts(
                         body = {}
                     body = body if isinstance(body, dict) else {}
                     activated = body.get("activated", True)
-                    return UploadResult(activated=activated is True, status=response.status_code, body=body)
+                    return UploadResult(activated=activated is True, status=response.status_code, body=body,
+                                        model_bytes=len(weights_bytes), manifest_bytes=len(manifest_bytes))
                 last_error = _describe(response)
                 if response.status_code < 500:
                     raise UploadError(f"the API refused the model: {last_error}")

@@ -24,7 +24,7 @@ from app.contracts import TrainCompletedV1, TrainFailedV1, TrainProgressV1, Trai
 from app.discord.client import Delivery, DiscordClient
 from app.discord.state import TrainRecord, relay_owner_key, train_record_key
 
-TrainEvent = TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1
+TrainEvent = TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1  # what the relay shows
 
 # One Redis round trip: take the lease if free, renew it if ours, else report someone else holds it.
 _CLAIM_LUA: Final = """
@@ -180,13 +180,12 @@ class ProgressRelay:
         client: DiscordClient,
         *,
         interval_s: float = 5.0,
-        replica_id: str | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.channel = channel
         self.client = client
         self.interval_s = interval_s
-        self.replica_id = replica_id or uuid.uuid4().hex
+        self.replica_id = uuid.uuid4().hex  # names this replica when it claims a job's relay
         self.subscribed = asyncio.Event()  # set while subscribed; tests and readiness can wait on it
         self._redis: aioredis.Redis | None = None
         self._task: asyncio.Task[None] | None = None
@@ -248,6 +247,8 @@ class ProgressRelay:
         except (ValidationError, ValueError):
             log.debug("ignoring a message that is not a training event")
             return
+        if not isinstance(event, TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1):
+            return  # the per-batch/epoch/artifact events are for other consumers; the /train message shows progress
         client = self._redis
         if client is None:
             return

@@ -31,7 +31,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 
 from app.auth import ApiKeyDep
-from app.contracts import MANIFEST_SCHEMA_VERSION, MODEL_ID_PATTERN, ManifestV1_1, describe_errors
+from app.contracts import MANIFEST_SCHEMA_VERSION, MODEL_ID_PATTERN, WEIGHTS_FILE, ManifestV1_1, describe_errors
 from app.deps import ModelsDep, SettingsDep
 from app.errors import ApiError
 from app.multipart import (
@@ -46,7 +46,7 @@ from app.multipart import (
 from app.preprocess import PREPROCESS_HASH
 from app.routes.read import check_content_length
 from app.serving import CandidateError
-from app.store import WEIGHTS_FILE, VersionExistsError, VersionNotFoundError, fsync_path, is_safe_model_id
+from app.store import VersionExistsError, VersionNotFoundError, fsync_path, is_safe_model_id
 
 router = APIRouter(tags=["admin"])
 

@@ -24,9 +24,8 @@ from redis.exceptions import RedisError
 
 from app.contracts import parse_event
 from app.deps import RedisDep, SettingsDep
-from app.errors import ApiError
 from app.public_job import PublicJobView, public_view
-from app.queue import NOT_CONFIGURED, TrainingUnavailableError, read_job
+from app.queue import TrainingUnavailableError, read_job, require_connection
 from app.routes.jobs import find_job
 
 router = APIRouter(tags=["training"])
@@ -136,9 +135,9 @@ async def _states(
 @router.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse, responses=_SSE_DOC)
 async def job_events(job_id: str, connection: RedisDep, settings: SettingsDep) -> StreamingResponse:
     """The job's public state (as `GET /v1/jobs/{id}` shows it without the key) as Server-Sent Events."""
-    if connection is None or settings.redis_url is None:
-        raise ApiError(503, "training_unavailable", NOT_CONFIGURED)
+    connection = require_connection(None if settings.redis_url is None else connection)
     first = public_view(await asyncio.to_thread(find_job, connection, settings.rq.queue, job_id))
+    assert settings.redis_url is not None  # require_connection refused otherwise
     return StreamingResponse(
         _states(connection, settings.redis_url, settings.digits_events_channel, settings.rq.queue, first),
         media_type="text/event-stream",

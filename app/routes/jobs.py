@@ -12,19 +12,14 @@ from app.auth import IsAdminDep
 from app.deps import RedisDep, SettingsDep
 from app.errors import ApiError
 from app.public_job import PublicJobView, public_view
-from app.queue import NOT_CONFIGURED, JobView, TrainingUnavailableError, read_job
+from app.queue import JobView, read_job, require_connection
 
 router = APIRouter(tags=["training"])
 
 
-def find_job(connection: redis.Redis | None, queue_name: str, job_id: str) -> JobView:
-    """The job, or the API's answer when there is none: 404 `not_found`, 503 `training_unavailable`."""
-    if connection is None:
-        raise ApiError(503, "training_unavailable", NOT_CONFIGURED)
-    try:
-        view = read_job(connection, queue_name, job_id)
-    except TrainingUnavailableError as exc:
-        raise ApiError(503, "training_unavailable", str(exc)) from exc
+def find_job(connection: redis.Redis, queue_name: str, job_id: str) -> JobView:
+    """The job, or 404 `not_found` (Redis unreachable: TrainingUnavailableError, answered as a 503)."""
+    view = read_job(connection, queue_name, job_id)
     if view is None:
         raise ApiError(404, "not_found", f"no training job with id {job_id!r} (unknown or expired)")
     return view
@@ -33,5 +28,5 @@ def find_job(connection: redis.Redis | None, queue_name: str, job_id: str) -> Jo
 @router.get("/v1/jobs/{job_id}", response_model=JobView | PublicJobView)
 def get_job(job_id: str, connection: RedisDep, settings: SettingsDep, admin: IsAdminDep) -> JobView | PublicJobView:
     """The whole job with the admin key (`X-Api-Key`); without it, the public fields only."""
-    view = find_job(connection, settings.rq.queue, job_id)
+    view = find_job(require_connection(connection), settings.rq.queue, job_id)
     return view if admin else public_view(view)

@@ -15,7 +15,7 @@ from typing import Annotated, Final
 import numpy as np
 from fastapi import APIRouter, Query, Request
 from PIL import Image
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.deps import ModelsDep, RedisDep, SettingsDep
 from app.errors import ApiError, not_ready
@@ -49,7 +49,7 @@ class ReadResponse(BaseModel):
     model_id: str
     version: str
     uncertain: bool
-    latency_ms: float
+    latency_ms: int = Field(description="whole milliseconds the read took on the server")
     visual_png_b64: str | None = None
 
 
@@ -130,6 +130,6 @@ async def read_digit(
         model_id=prediction.model_id,
         version=prediction.version,
         uncertain=prediction.uncertain,
-        latency_ms=round(elapsed * 1000, 2),
+        latency_ms=round(elapsed * 1000),
         visual_png_b64=visual,
     )

@@ -10,7 +10,7 @@ from app.contracts import DigitsTrainJobV1, describe_errors
 from app.deps import RedisDep, SettingsDep
 from app.errors import ApiError
 from app.observability import current_request_id, new_request_id
-from app.queue import NOT_CONFIGURED, TrainingUnavailableError, enqueue_train
+from app.queue import enqueue_train, require_connection
 
 router = APIRouter(tags=["training"])
 
@@ -48,10 +48,5 @@ def create_training_job(
                                                "user_id": overrides.get("user_id", 0) or 0})
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", "invalid training request: " + describe_errors(exc.errors())) from exc
-    if connection is None:
-        raise ApiError(503, "training_unavailable", NOT_CONFIGURED)
-    try:
-        job_id = enqueue_train(connection, settings.rq.queue, job)
-    except TrainingUnavailableError as exc:
-        raise ApiError(503, "training_unavailable", str(exc)) from exc
+    job_id = enqueue_train(require_connection(connection), settings.rq.queue, job)
     return TrainAccepted(request_id=request_id, job_id=job_id, status_url=f"/v1/jobs/{job_id}")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, TextIO
 from app.contracts import DigitsTrainJobV1
 from app.observability import configure_logging
 from config.settings import get_settings
+from worker.hooks import RunHooks
 
 if TYPE_CHECKING:
     from worker.train import Progress
@@ -25,7 +26,7 @@ def _clock(seconds: float) -> str:
 
 
 @dataclass
-class ProgressBar:
+class ProgressBar(RunHooks):
     """One line on a terminal, redrawn in place: epoch, batch, loss, img/s, ETA."""
 
     stream: TextIO = field(default_factory=lambda: sys.stderr)
