@@ -50,6 +50,7 @@ def shots_root(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Co
 
 @pytest.fixture
 def page(shots_root: Path, request: pytest.FixtureRequest) -> Iterator[Page]:
+    """A headless Chromium tab; ask for it after the app so that it closes (and its streams with it) first."""
     shots = shots_root / request.node.name
     shots.mkdir(exist_ok=True)
     yield from open_browser(shots)
@@ -90,7 +91,7 @@ def api_with_models(served_app: ServeApp, data_dir: Path) -> ServedApp:
 
 
 @needs_chromium
-def test_draw_a_seven_with_the_pen_and_read_it(page: Page, api_with_models: ServedApp) -> None:
+def test_draw_a_seven_with_the_pen_and_read_it(api_with_models: ServedApp, page: Page) -> None:
     page.open(api_with_models.url)
     assert page.text("model-version") == "v7" and page.text("model-id") == MODEL_ID
     page.shot("1-loaded")
@@ -126,7 +127,7 @@ def test_draw_a_seven_with_the_pen_and_read_it(page: Page, api_with_models: Serv
 
 
 @needs_chromium
-def test_roll_back_then_read_a_photo_picked_and_dropped(page: Page, api_with_models: ServedApp) -> None:
+def test_roll_back_then_read_a_photo_picked_and_dropped(api_with_models: ServedApp, page: Page) -> None:
     page.open(api_with_models.url)
     assert page.visible("versions-hint") and not page.visible("versions-table")
     # Keyboard only: type the key, Enter.
@@ -163,7 +164,7 @@ def test_roll_back_then_read_a_photo_picked_and_dropped(page: Page, api_with_mod
 
 @needs_chromium
 def test_train_from_the_page_and_watch_it_to_the_new_version(
-    page: Page, served_app: ServeApp, redis_url: str, data_dir: Path, tmp_path: Path
+    served_app: ServeApp, redis_url: str, data_dir: Path, tmp_path: Path, page: Page
 ) -> None:
     install_model(data_dir, "v7", forced_digit=7)
     api = served_app(data_dir=data_dir, handwriting_api_key=API_KEY, redis_url=redis_url)
@@ -211,7 +212,7 @@ def test_train_from_the_page_and_watch_it_to_the_new_version(
 
 @needs_chromium
 def test_before_any_model_a_read_says_so_with_the_training_progress(
-    page: Page, served_app: ServeApp, redis_url: str, data_dir: Path
+    served_app: ServeApp, redis_url: str, data_dir: Path, page: Page
 ) -> None:
     api = served_app(data_dir=data_dir, handwriting_api_key=API_KEY, redis_url=redis_url)
     job = httpx.post(api.url + "/v1/train", headers={"X-Api-Key": API_KEY}, json={"epochs": 1}).json()["job_id"]
@@ -226,6 +227,9 @@ def test_before_any_model_a_read_says_so_with_the_training_progress(
     assert page.text("note-pct") == "queued, 0%"
     page.shot("1-not-ready")
     assert page.console_errors(allowed=("/v1/read?visualize=true - Failed to load resource",)) == []
+    # The page still follows the job (its event stream stays open until the job ends): leave before the app
+    # stops, as uvicorn waits for open responses when it shuts down.
+    page.driver.get("about:blank")
 
 
 def test_the_page_calls_only_documented_routes(served_app: ServeApp, data_dir: Path) -> None:
