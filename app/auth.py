@@ -9,18 +9,31 @@ from fastapi import Depends, Header
 
 from app.deps import SettingsDep
 from app.errors import ApiError
+from config.settings import Settings
+
+ApiKeyHeader = Annotated[str | None, Header(alias="X-Api-Key")]
 
 
-def require_api_key(
-    settings: SettingsDep, x_api_key: Annotated[str | None, Header(alias="X-Api-Key")] = None
-) -> None:
+def _key_matches(settings: Settings, x_api_key: str | None) -> bool:
     expected = settings.handwriting_api_key
-    if expected is None:
+    return (
+        expected is not None
+        and x_api_key is not None
+        and secrets.compare_digest(x_api_key.encode("utf-8"), expected.get_secret_value().encode("utf-8"))
+    )
+
+
+def require_api_key(settings: SettingsDep, x_api_key: ApiKeyHeader = None) -> None:
+    if settings.handwriting_api_key is None:
         raise ApiError(401, "unauthorized", "admin endpoints are disabled: HANDWRITING_API_KEY is not set")
-    if x_api_key is None or not secrets.compare_digest(
-        x_api_key.encode("utf-8"), expected.get_secret_value().encode("utf-8")
-    ):
+    if not _key_matches(settings, x_api_key):
         raise ApiError(401, "unauthorized", "missing or wrong X-Api-Key")
 
 
+def is_admin(settings: SettingsDep, x_api_key: ApiKeyHeader = None) -> bool:
+    """For routes open to everyone that show more to the admin: True only with the right key."""
+    return _key_matches(settings, x_api_key)
+
+
 ApiKeyDep = Annotated[None, Depends(require_api_key)]
+IsAdminDep = Annotated[bool, Depends(is_admin)]

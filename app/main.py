@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from app.discord.runtime import DiscordRuntime
 from app.errors import install_error_handlers
 from app.observability import RequestIdMiddleware, configure_logging
-from app.routes import admin, health, jobs, models, read, train
+from app.routes import admin, health, job_events, jobs, models, page, read, train
 from app.routes import discord as discord_routes
 from app.serving import ModelServer
 from config.settings import Settings, get_settings
@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.discord = discord
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
-    for router in (health, train, jobs, read, models, admin, discord_routes):
+    for router in (health, train, jobs, job_events, read, models, admin, discord_routes, page):
         app.include_router(router.router)
     return app
 

@@ -43,7 +43,7 @@ def test_train_enqueues_with_the_contract_options_and_validated_overrides(
                                            lr=1.0, augment=False)
         conn.close()
 
-        status = client.get(f"/v1/jobs/{job_id}").json()
+        status = client.get(f"/v1/jobs/{job_id}", headers=KEY).json()
         assert status["status"] == "queued" and status["stage"] == "queued"
         assert (status["request_id"], status["user_id"], status["model_id"]) == ("req-abc-1", 42, "digits_b")
         assert status["progress"] is None and status["result"] is None and status["error"] is None

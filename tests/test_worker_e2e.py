@@ -141,7 +141,7 @@ def test_train_upload_activate_read(
     job_id = r.json()["job_id"]
 
     # No worker yet: the job waits in the queue.
-    seen = [client.get(f"/v1/jobs/{job_id}").json()]
+    seen = [client.get(f"/v1/jobs/{job_id}", headers={"X-Api-Key": API_KEY}).json()]
     assert seen[0]["status"] == "queued"
 
     # An older uploaded run and one whose upload failed: with one uploaded run kept, the older one goes.
@@ -151,7 +151,7 @@ def test_train_upload_activate_read(
              "TRAIN__KEEP_ARTIFACTS": "1"})
 
     def finished() -> bool:
-        seen.append(client.get(f"/v1/jobs/{job_id}").json())
+        seen.append(client.get(f"/v1/jobs/{job_id}", headers={"X-Api-Key": API_KEY}).json())
         return seen[-1]["status"] in ("finished", "failed")
 
     wait_until(finished, timeout=180, what="the job to end")
