@@ -52,9 +52,9 @@ bench-interactions: $(STAMP)
 bench-train: $(STAMP)
 	$(BIN)/python -m bench.train
 
-clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
-
 # Each critical guard removed in turn, in a scratch copy: its tests must notice (minutes; not part of `make test`).
 mutation: $(STAMP)
 	$(BIN)/python -m bench.mutation
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

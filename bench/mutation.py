@@ -185,6 +185,10 @@ def apply(mutant: Mutant, tree: Path) -> None:
         if found != 1:
             raise TableError(f"{mutant.name}: snippet found {found} times in {mutant.path} (expected once):\n{old}")
         text = text.replace(old, new)
+    try:  # a mutant that does not even compile would be "killed" by every test, proving nothing
+        compile(text, str(path), "exec")
+    except SyntaxError as exc:
+        raise TableError(f"{mutant.name}: the mutated {mutant.path} does not compile: {exc}") from exc
     path.write_text(text)
 
 
