@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 import torch
 
 from app.store import ModelStore
@@ -127,6 +128,7 @@ def doc(**overrides: object) -> Callable[[], Doc]:
 REFUSALS: dict[str, Refusal] = {
     "wrong key": Refusal(doc(), real, 401, "unauthorized", key="wrong"),
     "no key": Refusal(doc(), real, 401, "unauthorized", key=None),
+    "empty key": Refusal(doc(), real, 401, "unauthorized", key=""),
     "manifest not json": Refusal(lambda: b"{not json", real, 400, "invalid_manifest"),
     "manifest a list": Refusal(lambda: b"[1, 2]", real, 400, "invalid_manifest"),
     "manifest incomplete": Refusal(lambda: {"schema_version": "v1.1", "model_id": MODEL_ID}, real, 400,
@@ -215,6 +217,34 @@ async def test_with_no_key_configured_admin_endpoints_refuse_everything(data_dir
         assert (await client.get("/v1/admin/models", headers=KEY)).status_code == 401
         activate = await client.post(f"/v1/admin/models/{MODEL_ID}/versions/v1/activate", headers=KEY)
         assert activate.status_code == 401
+
+
+async def test_an_empty_key_is_refused_on_every_admin_route_while_a_key_is_configured(
+    data_dir: Path, redis_url: str
+) -> None:
+    install_model(data_dir, "v2", forced_digit=2, activate=False)
+    install_model(data_dir, "v1", forced_digit=1)
+    settings = make_settings(data_dir).model_copy(update={"redis_url": redis_url})
+    empty = {"X-Api-Key": ""}
+    async with running_app(settings) as client:
+        before = store_snapshot(data_dir)
+        responses = {
+            "upload": await upload(client, manifest(version="v3"), weights_bytes(3), key=""),
+            "list": await client.get("/v1/admin/models", headers=empty),
+            "activate": await client.post(f"/v1/admin/models/{MODEL_ID}/versions/v2/activate", headers=empty),
+            "train": await client.post("/v1/train", headers=empty, json={"epochs": 1}),
+        }
+        for route, response in responses.items():
+            assert response.status_code == 401, (route, response.text)
+            assert response.json()["code"] == "unauthorized" and "X-Api-Key" in response.json()["message"]
+            assert "versions" not in response.json()
+        assert store_snapshot(data_dir) == before
+        assert await read_digit(client) == (1, "v1")
+        # The right key on the same routes goes through: the refusals above were the key's.
+        assert (await client.get("/v1/admin/models", headers=KEY)).status_code == 200
+    queued = redis.Redis.from_url(redis_url)
+    assert queued.llen("rq:queue:digits") == 0, "no training was enqueued"
+    queued.close()
 
 
 # --- success, listing, rollback ----------------------------------------------------------------------

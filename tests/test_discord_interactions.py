@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -209,6 +210,21 @@ def test_train_is_rate_limited_per_user_with_the_wait_in_the_reply(api: ServedAp
     assert "job id" in content(api.post(signer, command("train", user_id=snowflake())))
 
 
+def test_train_limit_is_shared_by_every_api_replica(
+    api: ServedApp, redis_server: EmbeddedRedis, fake: FakeDiscord, signer: Signer
+) -> None:
+    other = serve(settings_for(signer, fake.api_base, redis_url=redis_server.url, discord_train_rate_per_hour=3))
+    try:
+        user = snowflake()
+        for replica in (api, other, api):
+            assert "job id" in content(replica.post(signer, command("train", user_id=user)))
+        for replica in (other, api):
+            limited = content(replica.post(signer, command("train", user_id=user)))
+            assert "3 training runs per hour" in limited and "job id" not in limited
+    finally:
+        other.stop()
+
+
 def test_the_same_interaction_delivered_twice_enqueues_once(api: ServedApp, signer: Signer, r: redis.Redis) -> None:
     interaction = command("train", user_id=snowflake())
     first = content(api.post(signer, interaction))
@@ -218,6 +234,31 @@ def test_the_same_interaction_delivered_twice_enqueues_once(api: ServedApp, sign
     user_id = int(interaction["member"]["user"]["id"])
     mine = [job.id for job in Queue("digits", connection=r).get_jobs() if job_payload(r, job.id)["user_id"] == user_id]
     assert mine == [job_id]
+
+
+def test_the_same_interaction_delivered_at_once_by_several_retries_enqueues_once(
+    api: ServedApp, signer: Signer, r: redis.Redis
+) -> None:
+    interaction = command("train", user_id=snowflake())
+    at_once = threading.Barrier(4)
+    replies: list[str] = []
+
+    def deliver() -> None:
+        at_once.wait()
+        replies.append(content(api.post(signer, interaction)))
+
+    threads = [threading.Thread(target=deliver) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(replies) == 4
+    answered = {ids_in(reply) for reply in replies if "job id" in reply}
+    assert len(answered) == 1, replies  # one job, named the same way to whoever got an answer with it
+    assert all("job id" in reply or "already being handled" in reply for reply in replies), replies
+    user_id = int(interaction["member"]["user"]["id"])
+    mine = [job.id for job in Queue("digits", connection=r).get_jobs() if job_payload(r, job.id)["user_id"] == user_id]
+    assert mine == [next(iter(answered))[1]]
 
 
 def test_without_redis_training_is_not_configured(fake: FakeDiscord, signer: Signer) -> None:

@@ -92,14 +92,20 @@ async def test_visualize_returns_the_28x28_the_model_saw_enlarged(client: httpx.
     assert pixels.max() > 200 and pixels[:16, :16].max() == 0  # white ink, centred on black
 
 
-async def test_invert_accepts_true_false_and_auto(client: httpx.AsyncClient) -> None:
+async def test_invert_auto_finds_the_ink_on_dark_or_light_paper(client: httpx.AsyncClient) -> None:
+    async def seen(image: bytes, **invert: str) -> np.ndarray:
+        response = await read(client, image, visualize="1", **invert)
+        assert response.status_code == 200, (invert, response.text)
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["visual_png_b64"]))))
+
     light_on_dark = digit_png(dark_on_light=False)
-    for image, value in ((PNG, "true"), (PNG, "auto"), (PNG, ""), (light_on_dark, "false"), (light_on_dark, "auto")):
-        response = await read(client, image, invert=value)
-        assert response.status_code == 200, (value, response.text)
-        preview = np.asarray(Image.open(io.BytesIO(base64.b64decode(
-            (await read(client, image, invert=value, visualize="1")).json()["visual_png_b64"]))))
-        assert preview[:16, :16].max() == 0 and preview.max() > 200  # ink came out white on black either way
+    for image, right, wrong in ((PNG, "true", "false"), (light_on_dark, "false", "true")):
+        expected = await seen(image, invert=right)
+        # Auto (asked for, or by default) sees exactly what the image's own polarity gives, not the other.
+        assert not np.array_equal(await seen(image, invert=wrong), expected)
+        for auto in ({"invert": "auto"}, {"invert": ""}, {}):
+            assert np.array_equal(await seen(image, **auto), expected), (right, auto)
+        assert expected[:16, :16].max() == 0 and expected.max() > 200  # white ink on black
     assert_error(await read(client, PNG, invert="sideways"), 422, "invalid_request")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from rq import Queue, Retry
+from rq import Queue, Retry, Worker
 from rq.job import Job
 
 from app.contracts import (
@@ -234,12 +234,28 @@ def test_legacy_target_runs_and_rq_sees_the_worker(
     assert events.for_job(job.id)[0].type == "digits.train.started.v1"
 
 
+def _failed_runs(conn: redis.Redis) -> int:
+    """Runs of any job that ended in failure, as the (one) worker counts them: RQ adds one per failed run."""
+    workers = Worker.all(connection=conn)
+    assert len(workers) == 1
+    return workers[0].failed_job_count
+
+
 def test_invalid_payload_fails_at_once_as_a_user_error_without_retry(
     workers: Callable[[dict[str, str]], LiveProcess], events: EventListener, conn: redis.Redis, data_dir: Path,
 ) -> None:
     workers({"DATA_DIR": str(data_dir)})
     bad = {**_payload(), "epochs": 0, "augment": "yes"}
-    job = Queue("digits", connection=conn).enqueue(LEGACY_JOB_FUNC, bad, retry=Retry(max=2, interval=[1, 1]))
+    # A retry an hour later: were the user error retried, the job would sit scheduled, not failed.
+    job = Queue("digits", connection=conn).enqueue(LEGACY_JOB_FUNC, bad, retry=Retry(max=2, interval=[3600]))
+
+    def settled() -> bool:
+        return Job.fetch(job.id, connection=conn).get_status().value not in ("queued", "started")
+
+    wait_until(settled, timeout=60, what="the job's first run to end")
+    assert Job.fetch(job.id, connection=conn).get_status().value == "failed"
+    assert _scheduled(conn) == 0, "a user error was scheduled for a retry"
+    assert _failed_runs(conn) == 1, "the job ran more than once"
     failed = events.wait_for(job.id, "digits.train.failed.v1", timeout=60)
     assert isinstance(failed, TrainFailedV1)
     assert failed.error_kind == "user" and "epochs" in failed.message and "augment" in failed.message
@@ -251,8 +267,6 @@ def test_invalid_payload_fails_at_once_as_a_user_error_without_retry(
     view = read_job(conn, "digits", job.id)
     assert view is not None and view.status == "failed"
     assert view.error == {"kind": "user", "message": failed.message}
-    assert Job.fetch(job.id, connection=conn).get_status().value == "failed"
-    assert _scheduled(conn) == 0
     assert conn.llen("rq:queue:digits") == 0
 
 

@@ -12,6 +12,8 @@ from typing import ClassVar
 
 import pytest
 import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
+from torchvision.models import ResNet
 
 from app.contracts import WEIGHTS_FILE, DigitsTrainJobV1, ManifestV1_1
 from app.network import build_model
@@ -21,7 +23,7 @@ from tests.train_support import fake_run_dir
 from worker.artifacts import UPLOADED_MARKER, prune_artifacts, write_artifacts
 from worker.cli.redis_embedded import free_port
 from worker.data import MnistSplits, load_mnist
-from worker.train import EpochReport, Progress, TrainOutcome, pick_hardware, train
+from worker.train import EpochReport, Progress, TrainOutcome, normalise, pick_hardware, to_unit, train
 from worker.upload import UploadError, upload_artifacts
 
 
@@ -87,6 +89,39 @@ def test_augmentation_with_every_modifier_on_costs_under_a_tenth_of_epoch_time(o
     # than at the default 256, so this is the harder case.
     epoch_seconds = sum(h["seconds"] for h in outcome.history)
     assert outcome.augment_seconds < 0.1 * epoch_seconds
+
+
+def batches_seen(job: DigitsTrainJobV1, data: MnistSplits) -> list[torch.Tensor]:
+    """Every training batch the network was fed during `train(job, ...)`, as it received them."""
+    seen: list[torch.Tensor] = []
+
+    def record(module: torch.nn.Module, args: tuple[object, ...]) -> None:
+        if isinstance(module, ResNet) and module.training and isinstance(args[0], torch.Tensor):
+            seen.append(args[0].detach().float().clone())
+
+    handle = register_module_forward_pre_hook(record)
+    try:
+        train(job, TrainSettings(threads=2), data, pick_hardware(TrainSettings(threads=2)))
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_augment_changes_what_the_network_sees_and_off_it_sees_the_images_as_they_are(tiny: MnistSplits) -> None:
+    plain = DigitsTrainJobV1(request_id="a", user_id=0, epochs=1, batch_size=8, seed=11, augment=False)
+    off, off_again = batches_seen(plain, tiny), batches_seen(plain, tiny)
+    on = batches_seen(plain.model_copy(update={"augment": True}), tiny)
+    assert len(off) == len(off_again) == len(on) == 3  # 24 images in batches of 8
+    # Off, the same seed feeds the same batches, and each image is a training image exactly as stored.
+    assert all(torch.equal(a, b) for a, b in zip(off, off_again, strict=True))
+    stored = normalise(to_unit(tiny.train_x)).flatten(1)
+    for batch in off:
+        assert all(bool(torch.isclose(stored, image.flatten(), atol=1e-6).all(dim=1).any()) for image in batch)
+    # On, under the same seed, every image is moved: none is a stored image any more.
+    for batch_on, batch_off in zip(on, off, strict=True):
+        assert batch_on.shape == batch_off.shape
+        for image in batch_on:
+            assert not bool(torch.isclose(stored, image.flatten(), atol=1e-6).all(dim=1).any())
 
 
 def test_artifacts_load_safely_and_the_manifest_is_v1_1(tmp_path: Path, outcome: TrainOutcome) -> None:
