@@ -145,7 +145,9 @@ def read_job(connection: redis.Redis, queue_name: str, job_id: str) -> JobView |
     return JobView(
         job_id=job.id,
         status=status,
-        stage=str(meta[META_STAGE]) if META_STAGE in meta else None,
+        # RQ marks the job finished a moment before the worker records the completed stage: a finished job
+        # has completed, whatever a poll in between would read.
+        stage="completed" if status == "finished" else str(meta[META_STAGE]) if META_STAGE in meta else None,
         request_id=str(meta[META_REQUEST_ID]) if META_REQUEST_ID in meta else None,
         user_id=user_id if isinstance(user_id, int) else None,
         model_id=str(meta[META_MODEL_ID]) if META_MODEL_ID in meta else None,
