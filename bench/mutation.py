@@ -43,23 +43,19 @@ MUTANTS: Final[tuple[Mutant, ...]] = (
     # --- the six the hand-made check of issue 16 found unguarded ---
     Mutant(
         "empty X-Api-Key accepted while a key is set", "app/auth.py",
-        (("    if x_api_key is None or not secrets.compare_digest(",
-          '    if x_api_key is None or (x_api_key != "" and not secrets.compare_digest('),
-         ('.encode("utf-8")\n    ):\n', '.encode("utf-8")\n    )):\n')),
+        (("        and secrets.compare_digest(x_api_key.encode(",
+          '        and (x_api_key == "" or secrets.compare_digest(x_api_key.encode('),
+         ('.get_secret_value().encode("utf-8"))\n    )\n', '.get_secret_value().encode("utf-8")))\n    )\n')),
         (f"{AUTH}::test_a_refused_upload_changes_nothing[empty key]",
          f"{AUTH}::test_an_empty_key_is_refused_on_every_admin_route_while_a_key_is_configured"),
     ),
     Mutant(
         "model version written in place (visible before its manifest is)", "app/store.py",
-        (("""            manifest_path = incoming / MANIFEST_FILE
-            with manifest_path.open("wb") as f:
-                f.write(stored_manifest.model_dump_json(indent=2).encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_path(incoming)
-            model_dir.mkdir(exist_ok=True)
-            os.rename(incoming, target)
-""", """            model_dir.mkdir(exist_ok=True)
+        (("            write_atomic(incoming / MANIFEST_FILE, "
+          'stored_manifest.model_dump_json(indent=2).encode("utf-8"))\n'
+          "            model_dir.mkdir(exist_ok=True)\n"
+          "            os.rename(incoming, target)\n",
+          """            model_dir.mkdir(exist_ok=True)
             os.rename(incoming, target)
             manifest_path = target / MANIFEST_FILE
             with manifest_path.open("wb") as f:
@@ -76,9 +72,9 @@ MUTANTS: Final[tuple[Mutant, ...]] = (
     ),
     Mutant(
         "worker artifacts written in place", "worker/artifacts.py",
-        (("_write_atomic(weights_path, weights)", "weights_path.write_bytes(weights)"),
-         ('_write_atomic(manifest_path, json.dumps(manifest, indent=2).encode("utf-8"))',
-          'manifest_path.write_bytes(json.dumps(manifest, indent=2).encode("utf-8"))')),
+        (("    write_atomic(weights_path, weights)", "    weights_path.write_bytes(weights)"),
+         ('    write_atomic(manifest_path, json.dumps(manifest, indent=2).encode("utf-8"))',
+          '    manifest_path.write_bytes(json.dumps(manifest, indent=2).encode("utf-8"))')),
         (f"{CRASH}::test_artifacts_interrupted_at_any_step_are_whole_or_absent_and_earlier_runs_untouched",),
     ),
     Mutant(
@@ -89,28 +85,28 @@ MUTANTS: Final[tuple[Mutant, ...]] = (
     ),
     Mutant(
         "augment=true ignored by training", "worker/train.py",
-        (("            if cfg.augment:\n                x = random_affine(x, gen)",
+        (("            if job.augment:\n                x = random_affine(x, gen)",
           "            if False:\n                x = random_affine(x, gen)"),),
         ("tests/test_worker_train.py::test_augment_changes_what_the_network_sees_and_off_it_sees_the_images_as_they_are",),
     ),
     # --- the three issue 16 found guarded by a single test ---
     Mutant(
-        "interaction id not deduplicated", "app/discord/protocol.py",
+        "interaction id not deduplicated", "app/discord/state.py",
         (("redis.call('SET', KEYS[1], 'pending', 'NX', 'EX', ARGV[1])",
           "redis.call('SET', KEYS[1], 'pending', 'EX', ARGV[1])"),),
         (f"{DISCORD}::test_the_same_interaction_delivered_twice_enqueues_once",
          f"{DISCORD}::test_the_same_interaction_delivered_at_once_by_several_retries_enqueues_once"),
     ),
     Mutant(
-        "no per-user /train rate limit", "app/discord/protocol.py",
+        "no per-user /train rate limit", "app/discord/state.py",
         (("if redis.call('ZCARD', KEYS[2]) >= limit then", "if false then"),),
         (f"{DISCORD}::test_train_is_rate_limited_per_user_with_the_wait_in_the_reply",
          f"{DISCORD}::test_train_limit_is_shared_by_every_api_replica"),
     ),
     Mutant(
         "invert=auto read as dark ink on light paper by /v1/read", "app/routes/read.py",
-        (('    if (value or "").strip().lower() in _AUTO:\n        return None',
-          '    if (value or "").strip().lower() in _AUTO:\n        return True'),),
+        (("    return None if isinstance(value, str) and value.strip().lower() in _AUTO else value",
+          "    return True if isinstance(value, str) and value.strip().lower() in _AUTO else value"),),
         (READ_INVERT,),
     ),
     Mutant(
@@ -122,8 +118,9 @@ MUTANTS: Final[tuple[Mutant, ...]] = (
     # --- a few of the guards the hand-made check found already caught ---
     Mutant(
         "admin endpoints open when no key is configured", "app/auth.py",
-        (('    if expected is None:\n        raise ApiError(401, "unauthorized", "admin endpoints are disabled: '
-          'HANDWRITING_API_KEY is not set")', "    if expected is None:\n        return"),),
+        (('    if settings.handwriting_api_key is None:\n'
+          '        raise ApiError(401, "unauthorized", "admin endpoints are disabled: HANDWRITING_API_KEY is not set")',
+          "    if settings.handwriting_api_key is None:\n        return"),),
         (f"{AUTH}::test_with_no_key_configured_admin_endpoints_refuse_everything",),
     ),
     Mutant(
