@@ -15,14 +15,15 @@ from collections.abc import Sequence
 
 from app.observability import configure_logging
 from config.settings import get_settings
-from worker.cli.dev import FIRST_MODEL_LIMIT, run_dev
+from worker.cli.dev import FIRST_MODEL_LIMIT, SHUTDOWN_GRACE_S, run_dev
 from worker.cli.train import add_train_command
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     return 0
 
 

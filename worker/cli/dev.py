@@ -33,6 +33,9 @@ from worker.cli.train import ProgressBar
 
 # The first model `digits dev` trains: this many images, small batches (about 3 minutes on 2 cores).
 FIRST_MODEL_LIMIT = 2000
+# An open event stream (the page following a job) ends the job's stream only when the job ends; uvicorn
+# would wait for it on Ctrl-C or a redeploy, so the API gets this long to finish in-flight requests.
+SHUTDOWN_GRACE_S = 5
 FIRST_MODEL_BATCH = 64
 
 
@@ -56,7 +59,7 @@ def run_dev(args: argparse.Namespace) -> int:
     worker_env = {**env, "TRAIN__LIMIT": str(args.first_model_limit)} if limited else env
     api = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "app.main:app", "--host", args.host, "--port", str(args.port),
-         "--log-level", "warning", "--no-access-log"],
+         "--log-level", "warning", "--no-access-log", "--timeout-graceful-shutdown", str(SHUTDOWN_GRACE_S)],
         env=env,
     )
     worker = start_worker(worker_env)
