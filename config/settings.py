@@ -19,6 +19,23 @@ class RqSettings(BaseModel):
     queue: str = Field(default="digits", min_length=1)
 
 
+class RedisSettings(BaseModel):
+    """Timeouts on every Redis connection (API, worker, work-horse, event publisher, relay), and how long a
+    worker holds a finished job's outcome for a Redis that went away."""
+
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    socket_timeout_s: float = Field(
+        default=5.0, gt=0, description="longest wait for one command's answer; the RQ worker's own connection "
+        "waits at least 20 s, as its blocking dequeue polls every 10 s"
+    )
+    outage_s: float = Field(
+        default=600.0, ge=0, description="how long a work-horse waits for Redis to come back to record a finished "
+        "job (events and state are kept in order meanwhile); also added to the job's heartbeat lease"
+    )
+    buffer_max: int = Field(default=2000, ge=10, description="events and state writes kept while Redis is away; "
+                            "beyond it the oldest progress events are dropped")
+
+
 class ApiSettings(BaseModel):
     """Limits and behaviour of the HTTP service."""
 
@@ -56,6 +73,11 @@ class TrainSettings(BaseModel):
     upload_attempts: int = Field(default=6, ge=1)
     upload_backoff_s: float = Field(default=2.0, ge=0)
     upload_timeout_s: float = Field(default=120.0, gt=0)
+    upload_max_backoff_s: float = Field(default=300.0, ge=0, description="longest wait between two upload attempts")
+    estimate_images_per_s: float = Field(
+        default=60.0, gt=0, description="training speed (images x epochs per second) assumed for the enqueue-time "
+        "estimate until a worker has measured its own"
+    )
     keep_artifacts: int = Field(default=3, ge=0, description="uploaded runs whose files stay under "
                                 "DATA_DIR/artifacts; runs whose upload failed are always kept")
 
@@ -73,6 +95,7 @@ class Settings(BaseSettings):
 
     redis_url: str | None = None
     rq: RqSettings = RqSettings()
+    redis: RedisSettings = RedisSettings()
     digits_events_channel: str = Field(default="digits:events", min_length=1)
     data_dir: Path = Path("./data")
 

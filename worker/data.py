@@ -10,10 +10,13 @@ a new cache and `preprocess_hash` in the manifest stays honest.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import io
 import logging
 import pickle
+import zipfile
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -139,22 +142,47 @@ def cache_path(cache_dir: Path) -> Path:
     return cache_dir / f"mnist-{PREPROCESS_HASH[:16]}.npz"
 
 
+# The cache file: this line, the SHA-256 of the rest in hex, a newline, then the npz. A file that does not
+# check out (truncated, bit-flipped, an older format) is deleted and rebuilt, never trusted or retried.
+CACHE_MAGIC: Final = b"digits-mnist-cache sha256 "
+_HEADER_LEN: Final = len(CACHE_MAGIC) + 64 + 1
+
+
 def _write_cache(path: Path, train_x: U8, train_y: I64, test_x: U8, test_y: I64) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
-    write_atomic(path, buf.getvalue())
+    body = buf.getvalue()
+    write_atomic(path, CACHE_MAGIC + hashlib.sha256(body).hexdigest().encode("ascii") + b"\n" + body)
+
+
+def _discard(path: Path, why: str) -> None:
+    log.warning("MNIST cache %s is unusable (%s); deleting it, it will be rebuilt", path, why)
+    path.unlink(missing_ok=True)
 
 
 def _read_cache(path: Path) -> tuple[U8, I64, U8, I64] | None:
+    """The cached arrays, or None (and the file deleted) when the file is not a whole, intact cache."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = (z["train_x"], z["train_y"], z["test_x"], z["test_y"])
-    except (OSError, KeyError, ValueError) as exc:
-        log.warning("ignoring unreadable MNIST cache %s: %s", path, exc)
+        data = path.read_bytes()
+    except OSError as exc:
+        log.warning("cannot read the MNIST cache %s: %s", path, exc)
         return None
-    tx, ty, sx, sy = arrays
+    header, body = data[:_HEADER_LEN], data[_HEADER_LEN:]
+    if not header.startswith(CACHE_MAGIC) or not header.endswith(b"\n"):
+        _discard(path, "no checksum header")
+        return None
+    if hashlib.sha256(body).hexdigest().encode("ascii") != header[len(CACHE_MAGIC):-1]:
+        _discard(path, "checksum mismatch: truncated or corrupted")
+        return None
+    try:
+        with np.load(io.BytesIO(body), allow_pickle=False) as z:
+            tx, ty, sx, sy = (z["train_x"], z["train_y"], z["test_x"], z["test_y"])
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        _discard(path, f"{type(exc).__name__}: {exc}")
+        return None
     if tx.shape != (FULL_TRAIN, SIDE, SIDE) or sx.shape != (FULL_TEST, SIDE, SIDE) or tx.dtype != np.uint8:
+        _discard(path, "unexpected array shapes")
         return None
     return tx, ty.astype(np.int64), sx, sy.astype(np.int64)
 
@@ -194,7 +222,7 @@ def load_mnist(
     a cache preprocesses only the images it needs."""
     n_train, n_val, n_test = _split_bounds(val_size, limit)
     path = cache_path(cache_dir)
-    cached = _read_cache(path) if path.is_file() else None
+    cached = _read_cache(path) if path.is_file() else None  # a bad cache is deleted: the full run rebuilds it
     if cached is not None:
         tx, ty, sx, sy = cached
         train_x, val_x, test_x = tx[:n_train], tx[FULL_TRAIN - n_val :], sx[:n_test]

@@ -9,6 +9,7 @@ from app.auth import ApiKeyDep
 from app.contracts import DigitsTrainJobV1, describe_errors
 from app.deps import RedisDep, SettingsDep
 from app.errors import ApiError
+from app.estimate import JobTooLongError
 from app.observability import current_request_id, new_request_id
 from app.queue import enqueue_train, require_connection
 
@@ -40,7 +41,8 @@ class TrainAccepted(BaseModel):
 def create_training_job(
     _: ApiKeyDep, connection: RedisDep, settings: SettingsDep, body: TrainRequest | None = None
 ) -> TrainAccepted:
-    """Queue a digits.train.v1 job; 503 `training_unavailable` when Redis is not configured or not reachable."""
+    """Queue a digits.train.v1 job; 422 `job_too_long` when it is estimated to run past the job timeout;
+    503 `training_unavailable` when Redis is not configured or not reachable."""
     overrides = body.model_dump(exclude_unset=True) if body is not None else {}
     request_id = current_request_id() or new_request_id()
     try:
@@ -48,5 +50,8 @@ def create_training_job(
                                                "user_id": overrides.get("user_id", 0) or 0})
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", "invalid training request: " + describe_errors(exc.errors())) from exc
-    job_id = enqueue_train(require_connection(connection), settings.rq.queue, job)
+    try:
+        job_id = enqueue_train(require_connection(connection), settings.rq.queue, job, train=settings.train)
+    except JobTooLongError as exc:
+        raise ApiError(422, "job_too_long", str(exc)) from exc
     return TrainAccepted(request_id=request_id, job_id=job_id, status_url=f"/v1/jobs/{job_id}")
