@@ -78,6 +78,12 @@ def salvage_ids(source: object, job_id: str, meta: dict[str, object] | None = No
     )
 
 
+def timed_out_message(limit_s: float) -> str:
+    limit = f"{limit_s / 3600:.1f} h" if limit_s >= 3600 else f"{limit_s:.0f} s"
+    return (f"the job ran past its time limit of {limit} and was stopped; it is not retried (a retry would start "
+            "over and stop at the same point)")
+
+
 def meta_write(job: Job) -> Write:
     """The job's whole meta as RQ stores it (what `Job.save_meta` writes; rq leaves that method unannotated)."""
     return Write("hset", job.key, job.serializer.dumps(job.meta), field="meta")

@@ -19,10 +19,8 @@ from typing import Literal
 from pydantic import ValidationError
 from rq import get_current_job
 from rq.job import Job
-from rq.timeouts import JobTimeoutException
 
 from app.contracts import (
-    JOB_TIMEOUT_S,
     META_ERROR,
     META_MODEL_ID,
     META_REQUEST_ID,
@@ -180,12 +178,6 @@ def _record_failure(rq_job: Job | None, reporter: JobReporter, failure: JobFailu
     reporter.save({META_ERROR: {"kind": failure.kind, "message": failure.message[:2000]}})
 
 
-def _timed_out(rq_job: Job | None) -> JobFailure:
-    limit = rq_job.timeout if rq_job is not None and rq_job.timeout else JOB_TIMEOUT_S
-    return JobFailure("system", f"the job ran past its time limit of {limit / 3600:.1f} h and was stopped; it is "
-                                "not retried (a retry would start over and stop at the same point)")
-
-
 def process_train_job(payload: object) -> dict[str, object]:
     """RQ entry point for a `digits.train.v1` job (also reached through the legacy target string).
 
@@ -226,9 +218,6 @@ def _run_job(payload: object, rq_job: Job | None, settings: Settings, reporter: 
         result = run_training(job, settings, reporter)
     except JobFailure as failure:
         _record_failure(rq_job, reporter, failure)
-        raise
-    except JobTimeoutException:
-        _record_failure(rq_job, reporter, _timed_out(rq_job))
         raise
     except Exception as exc:
         # Unexpected: RQ's retry policy applies. The message is the exception's own line.

@@ -21,7 +21,8 @@ import redis
 log = logging.getLogger(__name__)
 
 FIRST_RETRY_S: Final = 1.0
-MAX_RETRY_S: Final = 15.0
+MAX_RETRY_S: Final = 15.0  # while training: one failed attempt (at worst a socket timeout) per this long
+FLUSH_POLL_S: Final = 0.5  # while waiting for Redis with nothing else to do
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class RedisOutbox:
             if now >= deadline:
                 log.error("Redis still unreachable after %.0fs: %d writes not recorded", wait_s, len(self.pending))
                 return False
-            self._sleep(max(0.05, min(self._retry_at, deadline) - now))
+            self._sleep(min(FLUSH_POLL_S, deadline - now))
 
     def _drain(self) -> bool:
         assert self.connection is not None

@@ -21,15 +21,17 @@ from redis.client import Pipeline
 from rq import Queue, Worker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
+from rq.timeouts import JobTimeoutException
 
-from app.contracts import LEGACY_JOB_FUNC, META_ERROR, META_RESULT, META_STAGE, TRAIN_JOB_FUNC
+from app.contracts import JOB_TIMEOUT_S, LEGACY_JOB_FUNC, META_ERROR, META_RESULT, META_STAGE, TRAIN_JOB_FUNC
 from app.redis_client import connect
 from config.settings import Settings, get_settings
-from worker.events import JobReporter, salvage_ids
+from worker.events import JobReporter, salvage_ids, timed_out_message
 
 log = logging.getLogger(__name__)
 
 TRAIN_FUNCS = frozenset({TRAIN_JOB_FUNC, LEGACY_JOB_FUNC})
+TIMEOUT_EXCEPTION: Final = f"{JobTimeoutException.__module__}.{JobTimeoutException.__qualname__}"
 
 
 def _is_training_job(job: Job) -> bool:
@@ -47,6 +49,8 @@ def _last_line(exc_string: str) -> str:
 # RQ's blocking dequeue waits WORKER_TTL_S - 15 s and its connection's socket timeout is raised to 10 s more
 # (rq Worker._set_connection): 25 makes that a 10 s poll on a connection that gives up after 20 s.
 WORKER_TTL_S: Final = 25
+# The parent's heartbeat for a running job (RQ's default is 30 s): a Redis back from an outage hears from it soon.
+JOB_MONITORING_INTERVAL_S: Final = 10
 
 
 class TrainWorker(Worker):
@@ -113,14 +117,16 @@ class TrainWorker(Worker):
         return JobReporter(self.connection, settings.digits_events_channel, job, ids,
                            buffer_max=settings.redis.buffer_max)
 
-    def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: object) -> None:
+    def handle_work_horse_killed(self, job: Job, retpid: int | None, ret_val: int | None, rusage: object) -> None:
         # RQ's own version only logs and calls an optional handler we do not use.
         self.log.warning("Work horse killed for job %s: retpid=%s, ret_val=%s", job.id, retpid, ret_val)
         if not _is_training_job(job):
             return
         with contextlib.suppress(redis.RedisError):
             job.get_meta(refresh=True)  # the horse wrote progress we have not seen
-        if os.WIFSIGNALED(ret_val):
+        if ret_val is None:  # RQ's monitor killed it itself: past the job timeout (+60 s) and not stopping
+            why = timed_out_message(job.timeout or JOB_TIMEOUT_S)
+        elif os.WIFSIGNALED(ret_val):
             sig = os.WTERMSIG(ret_val)
             name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
             why = f"the training process was killed by {name}"
@@ -135,6 +141,10 @@ class TrainWorker(Worker):
     def handle_job_failure(
         self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry | None = None, exc_string: str = ""
     ) -> None:
+        if _is_training_job(job) and TIMEOUT_EXCEPTION in exc_string:
+            # RQ counts its own timeout as retryable: a retry would run 7 h again and stop at the same point.
+            job.retries_left = 0
+            job.meta[META_ERROR] = {"kind": "system", "message": timed_out_message(job.timeout or JOB_TIMEOUT_S)}
         final = not (job.should_retry and self._stopped_job_id != job.id)
         stopped = self._stopped_job_id == job.id
         super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string)
@@ -176,6 +186,7 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
         raise SystemExit("digits worker: REDIS_URL is not set; the worker needs Redis")
     connection = connect(settings.redis_url, settings.redis)
     queue = Queue(settings.rq.queue, connection=connection)
-    worker = TrainWorker([queue], connection=connection, name=name, worker_ttl=WORKER_TTL_S)
+    worker = TrainWorker([queue], connection=connection, name=name, worker_ttl=WORKER_TTL_S,
+                         job_monitoring_interval=JOB_MONITORING_INTERVAL_S)
     worker.outage_s = settings.redis.outage_s
     return bool(worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level.upper()))
