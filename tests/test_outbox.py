@@ -44,9 +44,12 @@ def test_kept_in_order_bounded_then_written_when_redis_answers(nowhere: redis.Re
     pubsub.subscribe("digits:events")
     outbox.connection = live
     assert outbox.flush(wait_s=5.0) and not outbox.pending
-    heard = []
-    while (message := pubsub.get_message(timeout=0.5)) is not None:
-        heard.append(message["data"])
+    heard: list[bytes] = []
+    deadline = time.monotonic() + 3.0
+    while len(heard) < 4 and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.2)
+        if message is not None and message["type"] == "message":
+            heard.append(message["data"])
     assert heard == [b"started", b"progress-2", b"progress-3", b"completed"]
     assert live.hget("rq:job:j", "meta") == b"meta-3"
     pubsub.close()
