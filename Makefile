@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-newcomer install lint typecheck pytest bench bench-read bench-interactions bench-train mutation clean
+.PHONY: run test test-newcomer install lint typecheck pytest bench bench-read bench-interactions bench-train bench-soak mutation clean
 
 # DEV_ARGS reaches `digits dev`, e.g. make run DEV_ARGS="--port 8080 --first-model-limit 5000".
 run: $(STAMP)
@@ -51,6 +51,11 @@ bench-interactions: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python -m bench.train
+
+# The whole system (Redis, API, worker) under mixed reads, uploads and training for 5 minutes; SOAK_ARGS e.g.
+# "--seconds 600 --readers 8". Prints failed reads (must be 0) and memory / open files over time (flat).
+bench-soak: $(STAMP)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 # Each critical guard removed in turn, in a scratch copy: its tests must notice (minutes; not part of `make test`).
 mutation: $(STAMP)
