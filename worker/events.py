@@ -118,7 +118,7 @@ class JobReporter(RunHooks):
         save_meta(self.job, updates, self.outbox)
 
     def write(self, write: Write) -> None:
-        """Any other write that belongs to this job's story (kept in order with its events)."""
+        """Another write that belongs to this job's story (kept in order with its events)."""
         self.outbox.send(write)
 
     def flush(self, wait_s: float) -> bool:
