@@ -246,13 +246,14 @@ def profile_lone_read(arch: str, threads: int, repeats: int) -> dict[str, float]
 
 
 def main() -> None:
-    from app.network import DEFAULT_ARCH, LEGACY_ARCH, available_cores
+    from app.network import ARCHS, DEFAULT_ARCH, LEGACY_ARCH, available_cores
     from bench.cpu import cpu_line, cpu_tag
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="a server you started (instead of --spawn)")
     parser.add_argument("--spawn", action="store_true", help="start one server per arch, each with a random model")
-    parser.add_argument("--arch", nargs="+", default=[LEGACY_ARCH, DEFAULT_ARCH], help="archs for --spawn")
+    parser.add_argument("--arch", nargs="+", default=[LEGACY_ARCH, DEFAULT_ARCH], choices=sorted(ARCHS),
+                        help="archs for --spawn")
     parser.add_argument("--threads", type=int, default=None, help="API__TORCH_THREADS for --spawn")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")

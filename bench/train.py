@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from app.contracts import DigitsTrainJobV1
-from app.network import DEFAULT_ARCH, LEGACY_ARCH, cpu_has_fast_bf16
+from app.network import ARCHS, DEFAULT_ARCH, LEGACY_ARCH, cpu_has_fast_bf16
 from bench.cpu import cpu_line, cpu_tag
 from config.settings import TrainSettings, get_settings
 from worker.data import load_mnist
@@ -88,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed batches per arch and precision")
     parser.add_argument("--warmup", type=int, default=1, help="batches before the timing starts (at least 1)")
-    parser.add_argument("--arch", nargs="+", default=[LEGACY_ARCH, DEFAULT_ARCH])
+    parser.add_argument("--arch", nargs="+", default=[LEGACY_ARCH, DEFAULT_ARCH], choices=sorted(ARCHS))
     parser.add_argument("--bf16", action="store_true", help="time bf16 even where it is not native")
     parser.add_argument("--full", action="store_true", default=os.environ.get("BENCH_TRAIN_FULL") == "1",
                         help="then run the whole default job for the new arch (BENCH_TRAIN_FULL=1)")

@@ -107,6 +107,7 @@ def test_bf16_serving_gives_the_fp32_probabilities_to_within_bf16_rounding(tmp_p
     got = forward_probs(bf16.net, image, 1.0, tta=False, dtype=torch.bfloat16)
     assert got.dtype == torch.float32 and abs(float(got.sum()) - 1.0) < 1e-4
     torch.testing.assert_close(got, want, atol=0.03, rtol=0)
+    assert not torch.equal(got, want)  # it did run in bf16: the scripted graph honours autocast
     assert forward_probs(bf16.net, smoke_input(), 1.0, tta=False, dtype=torch.bfloat16).shape == (2, 10)
 
 
