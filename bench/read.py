@@ -214,6 +214,7 @@ def profile_lone_read(arch: str, threads: int, repeats: int) -> dict[str, float]
     from app.network import build_model
     from app.preprocess import PREPROCESS_HASH, decode_gray, preprocess_gray
     from app.serving import load_candidate
+    from config.settings import ApiSettings
 
     data = photo_of_digit(512, 512, seed=7)
 
@@ -228,8 +229,9 @@ def profile_lone_read(arch: str, threads: int, repeats: int) -> dict[str, float]
         return statistics.median(times)
 
     torch.set_num_threads(1)
-    gray = decode_gray(data)
-    decode_ms = median_ms(lambda: decode_gray(data))
+    max_pixels = ApiSettings().read_max_pixels
+    gray = decode_gray(data, max_pixels=max_pixels)
+    decode_ms = median_ms(lambda: decode_gray(data, max_pixels=max_pixels))
     pre_ms = median_ms(lambda: preprocess_gray(gray))
     tensor = preprocess_gray(gray).tensor
     with tempfile.TemporaryDirectory() as tmp:
