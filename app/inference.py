@@ -22,7 +22,9 @@ from app.preprocess import CANVAS, to_tensor
 
 # Test-time augmentation: the image itself and four one-pixel shifts, probabilities averaged.
 TTA_SHIFTS: Final = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
-PRECISIONS: Final = ("auto", "fp32", "bf16")
+# TorchScript's deprecation notices, once per model load otherwise. Installed once here, not around each
+# call: `warnings.catch_warnings` is not thread-safe, and models load in worker threads.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.(script|freeze)` is deprecated", category=FutureWarning)
 
 
 def pick_dtype(precision: str) -> torch.dtype | None:
@@ -46,9 +48,7 @@ def prepare(net: nn.Module) -> nn.Module:
     for param in net.parameters():
         param.requires_grad_(False)
     net = net.to(memory_format=torch.channels_last)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice, once per model load
-        frozen: nn.Module = torch.jit.freeze(torch.jit.script(net))
+    frozen: nn.Module = torch.jit.freeze(torch.jit.script(net))
     return frozen
 
 
