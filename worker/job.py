@@ -110,7 +110,7 @@ def run_training(
     used = settings.train.model_dump(mode="json", exclude={"upload_attempts", "upload_backoff_s", "upload_timeout_s",
                                                           "upload_max_backoff_s", "keep_artifacts",
                                                           "estimate_images_per_s"})
-    artifacts = write_artifacts(out_dir or settings.artifacts_dir, job, outcome, used)
+    artifacts = write_artifacts(out_dir or settings.artifacts_dir, job, outcome, used, arch=settings.train.arch)
     log.info("artifacts written to %s (val_acc %.4f, test_acc %.4f)", artifacts.directory, outcome.val_acc,
              outcome.test_acc)
     hooks.artifact(artifacts.directory)
