@@ -23,8 +23,14 @@ class ApiSettings(BaseModel):
     """Limits and behaviour of the HTTP service."""
 
     read_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
-    read_max_pixels: int = Field(default=50_000_000, ge=1)
+    read_max_pixels: int = Field(
+        default=9_437_184, ge=1, description="pixels one decode may hold at full size (app.decode): a PNG's, or "
+        "a baseline JPEG's at 1/8 scale; the default is app.decode.DEFAULT_MAX_PIXELS"
+    )
     read_timeout_s: float = Field(default=5.0, gt=0)
+    read_queue_max: int = Field(
+        default=64, ge=1, description="reads admitted at once (waiting or running); one more answers 503 overloaded"
+    )
     uncertain_below: float = Field(default=0.70, ge=0, le=1)
     tta: bool = False
     batch_max: int = Field(default=32, ge=1, le=512)
