@@ -244,3 +244,11 @@ def test_a_full_read_queue_answers_503_overloaded_at_once(tmp_path: Path) -> Non
         assert refused.json()["request_id"]
         assert answers == [400]
         assert second.post("/v1/read", files={"file": ("c.png", digit_png(96))}).status_code == 200
+
+
+def test_openapi_documents_the_new_refusals(api: Api) -> None:
+    paths = httpx.get(api.url + "/openapi.json", timeout=10).json()["paths"]
+    read, train = paths["/v1/read"]["post"]["responses"], paths["/v1/train"]["post"]["responses"]
+    assert "overloaded" in read["503"]["description"] and "too_large" in read["413"]["description"]
+    assert "unauthorized" in train["401"]["description"] and "too_large" in train["413"]["description"]
+    assert read["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")

@@ -20,7 +20,7 @@ from pydantic import BaseModel, BeforeValidator, Field
 
 from app.body_limit import body_limit_route
 from app.deps import ModelsDep, RedisDep, SettingsDep, get_models
-from app.errors import ApiError, not_ready
+from app.errors import ApiError, documented_errors, not_ready
 from app.observability import READ_LATENCY
 from app.prediction import ModelNotReadyError, PredictionTimeoutError, ReadOverloadedError
 from app.preprocess import U8, PreprocessError
@@ -78,7 +78,18 @@ def visual_png(preview: U8, scale: int = VISUAL_SCALE) -> bytes:
     return out.getvalue()
 
 
-@router.post("/v1/read", response_model=ReadResponse, response_model_exclude_none=True)
+_ERRORS: Final = documented_errors({
+    400: "`invalid_image`, `bad_dimensions` (too small, too elongated, or more pixels to decode than "
+         "API__READ_MAX_PIXELS), `preprocessing_failed`, `malformed_multipart`",
+    413: "`too_large`: the body is over API__READ_MAX_BYTES (refused from Content-Length, or at the first byte over)",
+    415: "`unsupported_media_type`: not PNG or JPEG",
+    503: "`overloaded` (with Retry-After: API__READ_QUEUE_MAX reads are in, refused before the body is read), "
+         "or `service_not_ready` (no model yet)",
+    504: "`timeout`: the read took longer than API__READ_TIMEOUT_S; its work is not carried on",
+})
+
+
+@router.post("/v1/read", response_model=ReadResponse, response_model_exclude_none=True, responses=_ERRORS)
 async def read_digit(
     file: Annotated[UploadFile, File(description="the image, PNG or JPEG (the type comes from its bytes)")],
     models: ModelsDep,
