@@ -128,21 +128,22 @@ def storm(url: str, normal: bytes, *, clients: int = CLIENTS, rounds: int = 3) -
     return asyncio.run(_storm(url, normal, bombs(), clients, rounds))
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process, from /proc (Linux)."""
+def _status_mb(pid: int, field: str) -> float:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process now, from /proc (Linux)."""
+    return _status_mb(pid, "VmRSS")
 
 
 def peak_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")
+    """Its peak resident memory since it started, or since `reset_peak`."""
+    return _status_mb(pid, "VmHWM")
 
 
 def reset_peak(pid: int) -> None:
