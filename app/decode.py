@@ -18,8 +18,10 @@ pixel a decode holds at most 36 MiB.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from typing import Final
 
 import numpy as np
@@ -37,6 +39,9 @@ MIN_INK_CONTRAST: Final = 32  # of 255: weaker than this everywhere means there 
 # Not hashed: limits, not steps.
 DEFAULT_MAX_PIXELS: Final = (12 * WORK_SIDE) ** 2  # 9,437,184 px; API__READ_MAX_PIXELS's default
 JPEG_MAX_DRAFT_SCALE: Final = 8  # libjpeg decodes at 1/1, 1/2, 1/4 or 1/8
+# A decode holding more than this (a photo's JPEG at 1/8 holds ~0.2 MP) is heavy: it may take
+# hundreds of milliseconds, and only some of the decode threads take such work at once (app.admission).
+HEAVY_DECODE_PIXELS: Final = (4 * WORK_SIDE) ** 2
 
 PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC: Final = b"\xff\xd8\xff"
@@ -97,23 +102,24 @@ def check_dimensions(width: int, height: int, max_pixels: int | None = None) -> 
         raise BadDimensionsError(f"image is {width}x{height}: too elongated to hold a digit")
 
 
+def decoded_pixels(data: bytes, *, max_pixels: int) -> int:
+    """How many pixels `decode_gray` will hold for these bytes, from the header alone (nothing decoded).
+    Raises what `decode_gray` raises for a type, shape or size it refuses."""
+    kind = _kind(data)
+    with _as_preprocess_errors(kind):
+        opened = _open_planned(data, kind, max_pixels)
+        return opened.size[0] * opened.size[1]
+
+
 def decode_gray(data: bytes, *, max_pixels: int) -> U8:
     """Decode PNG/JPEG bytes to a grayscale uint8 array, upright, alpha on white, <= WORK_SIDE px.
 
     Raises UnsupportedImageTypeError (not PNG/JPEG), BadDimensionsError (shape, or over `max_pixels`
     as decoded; see the module's docstring), InvalidImageError (does not decode).
     """
-    kind = sniff_image_type(data)
-    if kind is None:
-        raise UnsupportedImageTypeError("only PNG and JPEG images are accepted")
-    try:
-        with warnings.catch_warnings():
-            # Pillow's own guard (89 MP) as an error: far past any budget, refused from the header.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
-        width, height = opened.size
-        check_dimensions(width, height)
-        _plan_decode(opened, kind, max_pixels)
+    kind = _kind(data)
+    with _as_preprocess_errors(kind):
+        opened = _open_planned(data, kind, max_pixels)
         opened.load()
         orientation = opened.getexif().get(ExifTags.Base.Orientation)  # a PNG's eXIf may follow its pixels
         img = _reduced(opened)
@@ -123,12 +129,37 @@ def decode_gray(data: bytes, *, max_pixels: int) -> U8:
         if max(gray.width, gray.height) > WORK_SIDE:
             gray.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
         return np.asarray(gray, dtype=np.uint8)
+
+
+def _kind(data: bytes) -> str:
+    kind = sniff_image_type(data)
+    if kind is None:
+        raise UnsupportedImageTypeError("only PNG and JPEG images are accepted")
+    return kind
+
+
+@contextlib.contextmanager
+def _as_preprocess_errors(kind: str) -> Iterator[None]:
+    """What Pillow raises for bad bytes, as this module's errors."""
+    try:
+        yield
     except PreprocessError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadDimensionsError(f"image has too many pixels: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImageError(f"the {kind.upper()} data could not be decoded: {exc}") from exc
+
+
+def _open_planned(data: bytes, kind: str, max_pixels: int) -> Image.Image:
+    """The image opened from its header (nothing decoded), its shape checked and its decode scale set."""
+    with warnings.catch_warnings():
+        # Pillow's own guard (89 MP) as an error: far past any budget, refused from the header.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        opened = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
+    check_dimensions(*opened.size)
+    _plan_decode(opened, kind, max_pixels)
+    return opened
 
 
 def _plan_decode(opened: Image.Image, kind: str, max_pixels: int) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from app.admission import ReadAdmission
 from app.contracts import N_CLASSES, WEIGHTS_FILE, ManifestV1_1
-from app.decode import decode_gray
+from app.decode import HEAVY_DECODE_PIXELS, decode_gray, decoded_pixels
 from app.network import ARCH, available_cores, build_model
 from app.observability import ACTIVE_MODEL, FAILED_ACTIVATIONS, MODEL_SWAPS
 from app.prediction import ModelNotReadyError, Prediction, PredictionTimeoutError
@@ -233,9 +233,15 @@ class ModelServer:
                 async with asyncio.timeout(self.api.read_timeout_s):
                     self._preprocessing += 1
                     try:
+                        # The header first (cheap, and refuses bombs at once), then the decode in its lane.
+                        pixels = await self.admission.run(
+                            runtime.preprocess_pool,
+                            functools.partial(decoded_pixels, data, max_pixels=self.api.read_max_pixels),
+                        )
                         pre = await self.admission.run(
                             runtime.preprocess_pool,
                             functools.partial(_prepare, data, invert, self.api.read_max_pixels, gave_up),
+                            heavy=pixels > HEAVY_DECODE_PIXELS,
                         )
                     finally:
                         self._preprocessing -= 1

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from app import serving
-from app.decode import U8, decode_gray
+from app.decode import U8, PreprocessError, decode_gray
 from app.prediction import PredictionTimeoutError, ReadOverloadedError
 from app.preprocess import Preprocessed, preprocess_gray
 from app.serving import LoadedModel, ModelServer
@@ -83,6 +83,44 @@ def test_reads_beyond_the_queue_are_refused_at_once(tmp_path: Path) -> None:
             await asyncio.gather(*slow, return_exceptions=True)
             assert (await server.read_digit(digit_png())).digit == 7  # room again
         finally:
+            await server.stop()
+
+    asyncio.run(scenario())
+
+
+def test_heavy_decodes_leave_a_thread_for_ordinary_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    install_model(tmp_path, forced_digit=7)
+    heavy = png_at_budget()  # decoded whole: 9 MP
+    started: list[bytes] = []
+    finish = threading.Event()
+
+    def decode_spy(data: bytes, *, max_pixels: int) -> U8:
+        """Heavy decodes last until the test lets them finish."""
+        if data == heavy:
+            started.append(data)
+            finish.wait(30)
+        return decode_gray(data, max_pixels=max_pixels)
+
+    monkeypatch.setattr(serving, "decode_gray", decode_spy)
+
+    async def scenario() -> None:
+        server = ModelServer(make_settings(tmp_path, read_timeout_s=60))
+        await server.start()
+        try:
+            workers = server.decode_workers
+            heavies = [asyncio.create_task(server.read_digit(heavy)) for _ in range(workers)]
+            while len(started) < workers - 1:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            assert len(started) == workers - 1  # one thread is kept from heavy work ...
+            light = await asyncio.wait_for(server.read_digit(digit_png()), 30)
+            assert light.digit == 7  # ... and an ordinary read is answered on it meanwhile
+            finish.set()
+            outcomes = await asyncio.gather(*heavies, return_exceptions=True)
+            assert all(isinstance(o, PreprocessError) for o in outcomes)  # blank, once decoded
+            assert len(started) == workers
+        finally:
+            finish.set()
             await server.stop()
 
     asyncio.run(scenario())
