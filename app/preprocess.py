@@ -22,7 +22,7 @@ from scipy import ndimage
 
 # Decoding lives in app.decode. Re-exported: what callers have always imported from here, and the
 # decoding constants that are part of PREPROCESS_HASH (read from this module's globals).
-from app.decode import DEFAULT_MAX_PIXELS, MIN_INK_CONTRAST, check_dimensions, decode_gray
+from app.decode import DEFAULT_MAX_PIXELS, MIN_INK_CONTRAST, check_dimensions
 from app.decode import MAX_ASPECT as MAX_ASPECT
 from app.decode import MIN_SIDE as MIN_SIDE
 from app.decode import U8 as U8
@@ -31,6 +31,7 @@ from app.decode import BadDimensionsError as BadDimensionsError
 from app.decode import InvalidImageError as InvalidImageError
 from app.decode import PreprocessError as PreprocessError
 from app.decode import UnsupportedImageTypeError as UnsupportedImageTypeError
+from app.decode import decode_gray as decode_gray
 from app.decode import sniff_image_type as sniff_image_type
 
 if TYPE_CHECKING:  # torch is imported where a tensor is made, so code that only checks images stays light

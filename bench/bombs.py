@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
+from app.network import DEFAULT_ARCH
 from bench.preprocess import photo_of_digit
 from bench.read import build_request, percentile, read_response, spawned_server
 
@@ -201,7 +202,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="requests per client")
     args = parser.parse_args()
     if args.spawn:
-        with spawned_server(None) as url:
+        with spawned_server(DEFAULT_ARCH, None) as url:
             run(url, _server_child(), args.rounds)
     else:
         run(args.url, None, args.rounds)
