@@ -32,7 +32,12 @@ class ApiSettings(BaseModel):
     torch_threads: int = Field(default=0, ge=0, description="0: the cores available")
     manifest_max_bytes: int = Field(default=64 * 1024, ge=1024)
     model_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
-    keep_versions: int = Field(default=5, ge=1)
+    keep_versions: int = Field(default=5, ge=1, description="versions kept per model, by the time this server "
+                               "received them; the active one and the last that passed the gate are kept besides")
+    gate_tolerance: float = Field(default=0.2, ge=0, le=100, description="accuracy points a candidate may lose "
+                                  "against the active model on the gate set and still go live")
+    gate_size: int = Field(default=1000, ge=50, le=10_000, description="MNIST test digits in the promotion "
+                           "gate's set (half plain, half photo-like renders)")
     model_poll_s: float = Field(
         default=5.0, ge=0, description="seconds between checks of the active pointer for changes made by another "
         "process sharing DATA_DIR; 0: never"
@@ -120,6 +125,10 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+    @property
+    def gate_dir(self) -> Path:
+        return self.data_dir / "gate"
 
     @property
     def artifacts_dir(self) -> Path:
