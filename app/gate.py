@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +145,7 @@ def load_gate_set(path: Path, key: str) -> GateSet | None:
             images, labels, checksum = z["images"], z["labels"], z["sha256"]
     except FileNotFoundError:
         return None
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         log.warning("ignoring unreadable gate set %s: %s", path, exc)
         return None
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (SIDE, SIDE) or len(labels) != len(images):
