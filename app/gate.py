@@ -31,12 +31,12 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 
+from app.contracts import GateDecision, GateReport
 from app.mnist import FULL_TEST, I64, SIDE, U8, MnistUnavailableError, load_raw
 from app.network import available_cores
 from app.observability import GATE_DECISIONS
@@ -51,25 +51,6 @@ GATE_RECIPE: Final = "gate-v1"  # change it when the way the set is drawn change
 GATE_SEED: Final = 1129
 _BATCH: Final = 128
 _NICE: Final = 19
-
-Decision = Literal["passed", "refused", "forced"]
-
-
-class GateReport(BaseModel):
-    """What the gate decided and on what figures (accuracies are fractions of the gate set)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    decision: Decision
-    activated: bool
-    reason: str
-    candidate_acc: float | None = None
-    active_acc: float | None = None
-    active_version: str | None = None
-    tolerance_points: float
-    images: int | None = None
-    seconds: float | None = None
-
 
 @dataclass(frozen=True)
 class Measured:
@@ -203,7 +184,7 @@ class PromotionGate:
                                             initializer=_background_thread, initargs=(self.threads,))
         return self._pool
 
-    def _report(self, decision: Decision, reason: str, measured: Measured | None = None) -> GateReport:
+    def _report(self, decision: GateDecision, reason: str, measured: Measured | None = None) -> GateReport:
         GATE_DECISIONS.labels(decision=decision).inc()
         figures = {} if measured is None else {
             "candidate_acc": round(measured.candidate_acc, 6), "active_acc": round(measured.active_acc, 6),

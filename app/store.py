@@ -51,11 +51,19 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from app.contracts import MANIFEST_FILE, MODEL_ID_PATTERN, VERSION_PATTERN, WEIGHTS_FILE, ManifestV1_1, utc_now
+from app.contracts import (
+    MANIFEST_FILE,
+    MODEL_ID_PATTERN,
+    VERSION_PATTERN,
+    WEIGHTS_FILE,
+    GateDecision,
+    ManifestV1_1,
+    utc_now,
+)
 
 ACTIVE_FILE: Final = "active.json"
 RECORD_FILE: Final = "record.json"
@@ -71,7 +79,7 @@ _VERSION = re.compile(VERSION_PATTERN)
 
 log = logging.getLogger("app.store")
 
-GateVerdict = Literal["passed", "refused", "forced"]
+GateVerdict = GateDecision
 
 
 class StoreError(Exception):

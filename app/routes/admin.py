@@ -42,10 +42,16 @@ from pydantic import BaseModel, ValidationError
 
 from app.auth import ApiKeyDep, require_api_key
 from app.body_limit import body_limit_route
-from app.contracts import MANIFEST_SCHEMA_VERSION, MODEL_ID_PATTERN, WEIGHTS_FILE, ManifestV1_1, describe_errors
+from app.contracts import (
+    MANIFEST_SCHEMA_VERSION,
+    MODEL_ID_PATTERN,
+    WEIGHTS_FILE,
+    GateReport,
+    ManifestV1_1,
+    describe_errors,
+)
 from app.deps import GateDep, ModelsDep, SettingsDep, get_settings_dep
 from app.errors import ApiError
-from app.gate import GateReport
 from app.preprocess import PREPROCESS_HASH
 from app.serving import CandidateError, LoadedModel
 from app.store import (
