@@ -141,6 +141,7 @@ def test_roll_back_then_read_a_photo_picked_and_dropped(api_with_models: ServedA
     page.driver.find_element("css selector", f"button[aria-label='Activate {MODEL_ID} v3']").click()
     page.wait(lambda: page.text("model-version") == "v3", what="v3 to become active")
     assert httpx.get(api_with_models.url + "/v1/models/active").json()["version"] == "v3"
+    assert page.text("model-live").startswith("live since ")  # when the rollback put it live
     page.shot("2-rolled-back")
 
     page.el("file").send_keys(str(EXAMPLES / "digit-3.jpg"))
