@@ -40,7 +40,8 @@ from app.contracts import GateDecision, GateReport
 from app.mnist import FULL_TEST, I64, SIDE, U8, MnistUnavailableError, load_raw
 from app.network import available_cores
 from app.observability import GATE_DECISIONS
-from app.preprocess import PREPROCESS_HASH, PreprocessError, preprocess_gray, to_tensor
+from app.photo import CONDITIONS, RENDERER_VERSION, render_photo
+from app.preprocess import PREPROCESS_HASH, PreprocessError, preprocess, preprocess_gray, to_tensor
 from app.serving import LoadedModel
 from app.store import write_atomic
 from config.settings import Settings
@@ -75,14 +76,19 @@ def gate_key(size: int) -> str:
 
 def photo_recipe() -> str:
     """What the photo-like half of the set is made with (part of the set's key)."""
-    return "none: plain MNIST until app.photo lands"
+    return f"app.photo v{RENDERER_VERSION}: {','.join(CONDITIONS)}"
 
 
-def photo_view(digit: U8, index: int, rng: np.random.Generator) -> U8 | None:
-    """A photo-like render of a raw MNIST digit through the real preprocessing, or None when there is
-    no renderer (the set then holds plain digits only) or preprocessing finds no digit in it."""
-    del digit, index, rng
-    return None
+def photo_view(digit: U8, index: int) -> U8 | None:
+    """A photo-like render of a raw MNIST digit (`app.photo`, the conditions taken in turn, its own seeded
+    rng) read back through the real preprocessing, as `/v1/read` would see the file; None when
+    preprocessing refuses it (the plain digit then takes its place)."""
+    rng = np.random.default_rng([GATE_SEED, index])
+    data = render_photo(digit, CONDITIONS[index % len(CONDITIONS)], rng)
+    try:
+        return preprocess(data).preview
+    except PreprocessError:
+        return None
 
 
 def _plain_view(digit: U8) -> U8:
@@ -95,13 +101,12 @@ def _plain_view(digit: U8) -> U8:
 def build_gate_set(size: int) -> GateSet:
     """Draw `size` test digits (seeded) and preprocess them; the second half as photo-like renders."""
     _, _, test_x, test_y = load_raw()
-    rng = np.random.default_rng(GATE_SEED)
-    picks = rng.permutation(FULL_TEST)[: min(size, FULL_TEST)]
+    picks = np.random.default_rng(GATE_SEED).permutation(FULL_TEST)[: min(size, FULL_TEST)]
     images: list[U8] = []
     labels: list[int] = []
     half = len(picks) // 2
     for n, index in enumerate(picks):
-        view = photo_view(test_x[index], n, rng) if n >= half else None
+        view = photo_view(test_x[index], n) if n >= half else None
         images.append(view if view is not None else _plain_view(test_x[index]))
         labels.append(int(test_y[index]))
     return GateSet(np.stack(images).astype(np.uint8), np.asarray(labels, dtype=np.int64), gate_key(size))

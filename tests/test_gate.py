@@ -10,6 +10,7 @@ for the module and copied into each test's DATA_DIR, as a running API caches it.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import AsyncIterator
@@ -19,9 +20,12 @@ import httpx
 import numpy as np
 import pytest
 
+from app.contracts import TrainCompletedV1, dump_event, parse_event
+from app.discord.relay import render
 from app.gate import GateSet, build_gate_set, gate_key, load_gate_set, save_gate_set
 from tests.serving_support import (
     API_KEY,
+    MODEL_ID,
     digit_png,
     install_model,
     make_settings,
@@ -30,6 +34,7 @@ from tests.serving_support import (
     upload,
     weights_bytes,
 )
+from tests.test_worker_e2e import assert_bot_json_types
 
 pytestmark = pytest.mark.anyio
 
@@ -194,3 +199,35 @@ def test_a_gate_set_whose_content_does_not_match_its_checksum_is_refused(tmp_pat
     buf = tmp_path / "tampered.npz"
     np.savez(buf, images=images, labels=tampered, sha256=checksum)  # a valid zip whose labels were changed
     assert load_gate_set(buf, "k") is None
+
+
+# --- what the user is told ----------------------------------------------------------------------------
+
+
+def completed(**gate: object) -> TrainCompletedV1:
+    return TrainCompletedV1.model_validate({"request_id": "r1", "user_id": 7, "model_id": MODEL_ID, "job_id": "j1",
+                                            "run_id": "run1", "val_acc": 0.91, "test_acc": 0.9, "version": "v9",
+                                            **gate})
+
+
+def test_the_train_reply_says_why_a_model_did_not_go_live_with_both_accuracies() -> None:
+    refused = completed(activated=False, gate_decision="refused", gate_candidate_acc=0.931, gate_active_acc=0.994,
+                        activation_reason="gate refused: 93.10% on 1000 gate images, worse than ...")
+    text = render(refused)
+    assert "not activated" in text and "worse than the model in service" in text
+    assert "93.10%" in text and "99.40%" in text
+    passed = completed(activated=True, gate_decision="passed", gate_candidate_acc=0.995, gate_active_acc=0.994)
+    assert "It is now the active model (gate set: 99.50% vs 99.40%" in render(passed)
+    assert "force" in render(completed(activated=True, gate_decision="forced"))
+
+
+def test_the_completed_event_with_the_gate_stays_what_the_gateway_bot_decodes() -> None:
+    event = completed(activated=False, gate_decision="refused", gate_candidate_acc=0.5, gate_active_acc=0.9,
+                      activation_reason="gate refused")
+    message = json.loads(dump_event(event))
+    assert_bot_json_types(message)  # the bot's required fields and JSON types, unchanged
+    assert parse_event(json.dumps(message)) == event
+    # An event from before the gate (no gate fields) still parses.
+    legacy = {k: v for k, v in message.items() if not k.startswith(("gate_", "activation_"))}
+    old = parse_event(json.dumps(legacy))
+    assert isinstance(old, TrainCompletedV1) and old.activated is False and old.gate_decision is None
