@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-newcomer install lint typecheck pytest bench bench-read bench-interactions bench-train mutation clean
+.PHONY: run test test-newcomer install lint typecheck pytest bench bench-read bench-interactions bench-train bench-gate mutation clean
 
 # DEV_ARGS reaches `digits dev`, e.g. make run DEV_ARGS="--port 8080 --first-model-limit 5000".
 run: $(STAMP)
@@ -51,6 +51,10 @@ bench-interactions: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python -m bench.train
+
+# The promotion gate's seconds (cold and warm) and read p99 while a gate measures (starts its own server).
+bench-gate: $(STAMP)
+	$(BIN)/python -m bench.gate
 
 # Each critical guard removed in turn, in a scratch copy: its tests must notice (minutes; not part of `make test`).
 mutation: $(STAMP)

@@ -213,6 +213,10 @@ class PromotionGate:
         except MnistUnavailableError as exc:
             return self._report("refused", f"the gate set is unavailable ({exc}); the candidate was stored "
                                 "inactive; activate it with force=true if you are sure")
+        except Exception as exc:  # a gate that cannot measure refuses (fails closed), and says why
+            log.exception("the promotion gate could not measure %s", candidate.manifest.version)
+            return self._report("refused", f"the gate could not measure the models ({type(exc).__name__}: "
+                                f"{str(exc)[:200]}); the candidate was stored inactive")
         measured = Measured(cand_acc, active_acc, active.manifest.version, images, time.perf_counter() - started)
         margin = self.tolerance_points / 100.0
         cand, was = _points(cand_acc), _points(active_acc)

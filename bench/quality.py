@@ -187,7 +187,8 @@ def report(answers: list[Answer], uncertain_below: float) -> None:
         print(f"\nuncertain on photo + small ({len(right)} right, {len(wrong)} wrong; served threshold "
               f"{uncertain_below}): wrong flagged {_pct(sum(a.uncertain for a in wrong), len(wrong))}, right flagged "
               f"{_pct(sum(a.uncertain for a in right), len(right))}; mean confidence wrong "
-              f"{sum(a.confidence for a in wrong) / len(wrong):.3f}, right {sum(a.confidence for a in right) / len(right):.3f}")
+              f"{sum(a.confidence for a in wrong) / len(wrong):.3f}, "
+              f"right {sum(a.confidence for a in right) / len(right):.3f}")
         print("  at other thresholds: " + "; ".join(
             f"{t}: wrong {_pct(sum(a.confidence < t for a in wrong), len(wrong)).strip()} / right "
             f"{_pct(sum(a.confidence < t for a in right), len(right)).strip()}" for t in THRESHOLDS))
