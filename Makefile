@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-newcomer install lint typecheck pytest bench bench-read bench-interactions bench-train bench-gate mutation clean
+.PHONY: run test test-newcomer install lint typecheck pytest bench bench-read bench-interactions bench-train bench-quality bench-gate mutation clean
 
 # DEV_ARGS reaches `digits dev`, e.g. make run DEV_ARGS="--port 8080 --first-model-limit 5000".
 run: $(STAMP)
@@ -55,6 +55,11 @@ bench-train: $(STAMP)
 # The promotion gate's seconds (cold and warm) and read p99 while a gate measures (starts its own server).
 bench-gate: $(STAMP)
 	$(BIN)/python -m bench.gate
+
+# Our photo set over HTTP: MODEL=DIR (a model's folder) reads with it; without MODEL the default job is
+# trained first. QUALITY_ARGS="--tta", "--direct", "--limit 100", ... pass through (python -m bench.quality -h).
+bench-quality: $(STAMP)
+	$(BIN)/python -m bench.quality $(if $(MODEL),--model $(MODEL),--train) $(QUALITY_ARGS)
 
 # Each critical guard removed in turn, in a scratch copy: its tests must notice (minutes; not part of `make test`).
 mutation: $(STAMP)

@@ -172,8 +172,8 @@ def report(answers: list[Answer], uncertain_below: float) -> None:
     for a in answers:
         by_condition[a.item.condition].append(a)
     for condition, group in by_condition.items():
-        wrong = Counter(f"{a.item.label}->{a.digit if a.digit >= 0 else a.code}" for a in group if not a.right)
-        common = ", ".join(f"{pair} x{n}" for pair, n in wrong.most_common(3))
+        confusions = Counter(f"{a.item.label}->{a.digit if a.digit >= 0 else a.code}" for a in group if not a.right)
+        common = ", ".join(f"{pair} x{n}" for pair, n in confusions.most_common(3))
         print(f"{condition:<16}{len(group):>7}{_pct(sum(a.right for a in group), len(group)):>10}   {common}")
 
     for part, group in parts.items():
@@ -181,17 +181,18 @@ def report(answers: list[Answer], uncertain_below: float) -> None:
         print(f"\nconfusions, {part}: " + (", ".join(f"{p} x{n}" for p, n in pairs.most_common(10)) or "none"))
 
     answered = [a for a in answers if a.item.part != "plain" and a.digit >= 0]
-    wrong = [a for a in answered if not a.right]
-    right = [a for a in answered if a.right]
-    if wrong and right:
-        print(f"\nuncertain on photo + small ({len(right)} right, {len(wrong)} wrong; served threshold "
-              f"{uncertain_below}): wrong flagged {_pct(sum(a.uncertain for a in wrong), len(wrong))}, right flagged "
-              f"{_pct(sum(a.uncertain for a in right), len(right))}; mean confidence wrong "
-              f"{sum(a.confidence for a in wrong) / len(wrong):.3f}, "
-              f"right {sum(a.confidence for a in right) / len(right):.3f}")
+    misses = [a for a in answered if not a.right]
+    hits = [a for a in answered if a.right]
+    if misses and hits:
+        mean_wrong = sum(a.confidence for a in misses) / len(misses)
+        mean_right = sum(a.confidence for a in hits) / len(hits)
+        print(f"\nuncertain on photo + small ({len(hits)} right, {len(misses)} wrong; served threshold "
+              f"{uncertain_below}): wrong flagged {_pct(sum(a.uncertain for a in misses), len(misses))}, right flagged "
+              f"{_pct(sum(a.uncertain for a in hits), len(hits))}; mean confidence wrong "
+              f"{mean_wrong:.3f}, right {mean_right:.3f}")
         print("  at other thresholds: " + "; ".join(
-            f"{t}: wrong {_pct(sum(a.confidence < t for a in wrong), len(wrong)).strip()} / right "
-            f"{_pct(sum(a.confidence < t for a in right), len(right)).strip()}" for t in THRESHOLDS))
+            f"{t}: wrong {_pct(sum(a.confidence < t for a in misses), len(misses)).strip()} / right "
+            f"{_pct(sum(a.confidence < t for a in hits), len(hits)).strip()}" for t in THRESHOLDS))
 
 
 def main() -> None:

@@ -58,6 +58,8 @@ class TrainSettings(BaseModel):
     dots_prob: float = Field(default=0.0, ge=0, le=1, description="share of images given dots/occlusions")
     blur_prob: float = Field(default=0.0, ge=0, le=1, description="share of images blurred")
     morph_prob: float = Field(default=0.0, ge=0, le=1, description="share of images eroded or dilated")
+    photo_share: float = Field(default=0.2, ge=0, le=1, description="share of the training (and validation) "
+                               "digits shown as photo-like renders, preprocessed as /v1/read does; 0: plain MNIST")
     upload_attempts: int = Field(default=6, ge=1)
     upload_backoff_s: float = Field(default=2.0, ge=0)
     upload_timeout_s: float = Field(default=120.0, gt=0)

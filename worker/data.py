@@ -77,6 +77,30 @@ def _read_cache(path: Path) -> tuple[U8, I64, U8, I64] | None:
     return tx, ty.astype(np.int64), sx, sy.astype(np.int64)
 
 
+def _with_photos(
+    cache_dir: Path, train_x: U8, val_x: U8, share: float, limit: int | None, workers: int,
+    on_status: Callable[[str], None] | None,
+) -> tuple[U8, U8]:
+    """train_x and val_x (copies) with their chosen digits replaced by preprocessed photo renders."""
+    from worker import photos
+
+    val_start = FULL_TRAIN - len(val_x)
+    if limit is None:
+        if on_status is not None and not photos.cache_path(cache_dir, share).is_file():
+            on_status(f"rendering {share:.0%} of the training digits as photos once (cached beside the MNIST cache)")
+        indices, images = photos.full_renders(cache_dir, load_raw()[0], share, workers)
+    else:
+        every = photos.chosen(FULL_TRAIN, share)
+        indices = every[(every < len(train_x)) | (every >= val_start)]
+        images = photos.render_many(load_raw()[0][indices], indices, workers)
+    train_x, val_x = train_x.copy(), val_x.copy()
+    in_train = indices < len(train_x)
+    train_x[indices[in_train]] = images[in_train]
+    in_val = indices >= val_start
+    val_x[indices[in_val] - val_start] = images[in_val]
+    return train_x, val_x
+
+
 @dataclass(frozen=True)
 class MnistSplits:
     """Preprocessed uint8 images (N, 28, 28) and int64 labels, as CPU tensors."""
@@ -107,9 +131,11 @@ def load_mnist(
     limit: int | None = None,
     workers: int = 1,
     on_status: Callable[[str], None] | None = None,
+    photo_share: float = 0.0,
 ) -> MnistSplits:
     """The splits, preprocessed. The full cache is built once (a minute or two); a limited run without
-    a cache preprocesses only the images it needs."""
+    a cache preprocesses only the images it needs. `photo_share` of the train and validation digits are
+    shown as photos instead (worker.photos); the test split stays plain MNIST."""
     n_train, n_val, n_test = _split_bounds(val_size, limit)
     path = cache_path(cache_dir)
     cached = _read_cache(path) if path.is_file() else None
@@ -129,6 +155,8 @@ def load_mnist(
             train_x = preprocess_images(raw_x[:n_train], workers)
             val_x = preprocess_images(raw_x[FULL_TRAIN - n_val :], workers)
             test_x = preprocess_images(raw_sx[:n_test], workers)
+    if photo_share > 0:
+        train_x, val_x = _with_photos(cache_dir, train_x, val_x, photo_share, limit, workers, on_status)
     return MnistSplits(
         train_x=torch.from_numpy(np.ascontiguousarray(train_x)),
         train_y=torch.from_numpy(np.ascontiguousarray(ty[:n_train])),

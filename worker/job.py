@@ -100,7 +100,8 @@ def run_training(
     hooks.stage("preparing")
     try:
         data = load_mnist(settings.cache_dir, val_size=settings.train.val_size, limit=settings.train.limit,
-                          workers=hardware.threads, on_status=lambda msg: log.info(msg))
+                          workers=hardware.threads, on_status=lambda msg: log.info(msg),
+                          photo_share=settings.train.photo_share)
     except MnistUnavailableError as exc:
         raise JobFailure("system", f"training data unavailable: {exc}") from exc
 
