@@ -354,10 +354,12 @@ class ModelStore:
         """Point at a stored version, and record that it went live now."""
         with self._locked():
             stored = self.get(model_id, version)  # exists, or VersionNotFoundError
+            already_live = self.active() == ActivePointer(model_id, version) and stored.record.activated_at
             body = json.dumps({"model_id": model_id, "version": version}).encode("utf-8")
             with storage_errors("the active pointer"):
                 write_atomic(self.root / ACTIVE_FILE, body)
-            self._write_record(stored, stored.record.model_copy(update={"activated_at": utc_now()}))
+            if not already_live:  # activating what is live already does not move when it went live
+                self._write_record(stored, stored.record.model_copy(update={"activated_at": utc_now()}))
 
     def record_gate(self, model_id: str, version: str, verdict: GateVerdict) -> None:
         """Record the promotion gate's verdict on a stored version (retention keeps the last that passed)."""
