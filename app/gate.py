@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from app.contracts import GateDecision, GateReport
+from app.inference import forward_probs
 from app.mnist import FULL_TEST, I64, SIDE, U8, MnistUnavailableError, load_raw
 from app.network import available_cores
 from app.observability import GATE_DECISIONS
@@ -144,14 +145,12 @@ def load_gate_set(path: Path, key: str) -> GateSet | None:
 
 
 def accuracy(net: torch.nn.Module, gate_set: GateSet) -> float:
-    """Share of the set the network reads right (argmax of the logits; no test-time augmentation)."""
+    """Share of the set the network reads right (fp32, no test-time augmentation: both models alike)."""
     correct = 0
     labels = torch.from_numpy(gate_set.labels)
-    with torch.inference_mode():
-        for start in range(0, len(gate_set.images), _BATCH):
-            batch = to_tensor(gate_set.images[start : start + _BATCH]).contiguous(memory_format=torch.channels_last)
-            predicted = net(batch).argmax(dim=1)
-            correct += int((predicted == labels[start : start + _BATCH]).sum())
+    for start in range(0, len(gate_set.images), _BATCH):
+        probs = forward_probs(net, to_tensor(gate_set.images[start : start + _BATCH]), 1.0, tta=False)
+        correct += int((probs.argmax(dim=1) == labels[start : start + _BATCH]).sum())
     return correct / len(gate_set.images)
 
 

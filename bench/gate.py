@@ -27,22 +27,23 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from app.network import ARCHS, DEFAULT_ARCH
 from bench.read import build_request, make_images, percentile, read_response, spawned_server
 
 KEY = "bench-gate-key"
 
 
-def candidate(seed: int) -> tuple[dict[str, str], dict[str, tuple[str, bytes, str]]]:
+def candidate(seed: int, arch: str) -> tuple[dict[str, str], dict[str, tuple[str, bytes, str]]]:
     import torch
 
     from app.contracts import N_CLASSES
-    from app.network import ARCH, build_model
+    from app.network import build_model
     from app.preprocess import PREPROCESS_HASH
 
     torch.manual_seed(seed)
     buf = io.BytesIO()
-    torch.save(build_model().state_dict(), buf)
-    doc = {"schema_version": "v1.1", "model_id": "bench", "arch": ARCH, "n_classes": N_CLASSES,
+    torch.save(build_model(arch).state_dict(), buf)
+    doc = {"schema_version": "v1.1", "model_id": "bench", "arch": arch, "n_classes": N_CLASSES,
            "version": f"candidate-{seed}", "created_at": datetime.now(UTC).isoformat(),
            "preprocess_hash": PREPROCESS_HASH, "val_acc": 0.0}
     return ({"model_id": "bench", "activate": "true"},
@@ -50,9 +51,9 @@ def candidate(seed: int) -> tuple[dict[str, str], dict[str, tuple[str, bytes, st
              "model": ("model.pt", buf.getvalue(), "application/octet-stream")})
 
 
-def upload(url: str, seed: int) -> tuple[float, dict[str, object]]:
+def upload(url: str, seed: int, arch: str) -> tuple[float, dict[str, object]]:
     """(the time the answer came, the gate's report)."""
-    data, files = candidate(seed)
+    data, files = candidate(seed, arch)
     response = httpx.post(url + "/v1/admin/models/upload", data=data, files=files, headers={"X-Api-Key": KEY},
                           timeout=600)
     response.raise_for_status()
@@ -99,15 +100,16 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=4, help="warm gates measured under reads")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--baseline-s", type=float, default=20.0)
+    parser.add_argument("--arch", default=DEFAULT_ARCH, choices=sorted(ARCHS), help="the served and candidate network")
     args = parser.parse_args()
     os.environ["HANDWRITING_API_KEY"] = KEY  # the spawned server inherits the environment
     images = make_images(20)
-    with spawned_server(None) as url:
-        print(f"CPU cores {len(os.sched_getaffinity(0))}  load average {os.getloadavg()[0]:.1f}  "
+    with spawned_server(args.arch, None) as url:
+        print(f"arch {args.arch}  CPU cores {len(os.sched_getaffinity(0))}  load average {os.getloadavg()[0]:.1f}  "
               f"gate size {os.environ.get('API__GATE_SIZE', '1000 (default)')}")
         asyncio.run(reads(url, images, 2, threading.Event(), 3.0))  # warm-up
         started = time.monotonic()
-        _, cold = upload(url, 1)
+        _, cold = upload(url, 1, args.arch)
         print(f"cold gate (builds the set, measures both): gate {cold['seconds']:.1f} s, upload answered in "
               f"{time.monotonic() - started:.1f} s ({cold['decision']}, {cold['images']} images)")
         base = asyncio.run(reads(url, images, args.concurrency, threading.Event(), args.baseline_s))
@@ -118,7 +120,7 @@ def main() -> None:
         def uploader() -> None:
             try:
                 for seed in range(2, 2 + args.candidates):
-                    answered, gate = upload(url, seed)
+                    answered, gate = upload(url, seed, args.arch)
                     seconds = float(str(gate["seconds"]))
                     warm.append(seconds)
                     windows.append((answered - seconds, answered))
