@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: run test test-newcomer install lint typecheck pytest bench bench-read bench-bombs bench-interactions bench-train \
-	bench-forward bench-soak mutation clean
+	bench-forward bench-soak bench-quality bench-gate mutation clean
 
 # DEV_ARGS reaches `digits dev`, e.g. make run DEV_ARGS="--port 8080 --first-model-limit 5000".
 run: $(STAMP)
@@ -62,6 +62,15 @@ bench-train: $(STAMP)
 # "--seconds 600 --readers 8". Prints failed reads (must be 0) and memory / open files over time (flat).
 bench-soak: $(STAMP)
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
+# The promotion gate's seconds (cold and warm) and read p99 while a gate measures (starts its own server).
+bench-gate: $(STAMP)
+	$(BIN)/python -m bench.gate
+
+# Our photo set over HTTP: MODEL=DIR (a model's folder) reads with it; without MODEL the default job is
+# trained first. QUALITY_ARGS="--tta", "--direct", "--limit 100", ... pass through (python -m bench.quality -h).
+bench-quality: $(STAMP)
+	$(BIN)/python -m bench.quality $(if $(MODEL),--model $(MODEL),--train) $(QUALITY_ARGS)
 
 bench-forward: $(STAMP)
 	$(BIN)/python -m bench.forward

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from app.discord.runtime import DiscordRuntime
 from app.errors import install_error_handlers
+from app.gate import PromotionGate
 from app.observability import RequestIdMiddleware, configure_logging
 from app.redis_client import connect
 from app.routes import admin, health, job_events, jobs, models, page, read, train
@@ -23,6 +24,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Short timeouts: with Redis down, /v1/train must answer 503 quickly and reads must not notice.
     connection = None if settings.redis_url is None else connect(settings.redis_url, settings.redis)
     model_server = ModelServer(settings)
+    gate = PromotionGate(settings)
     discord = DiscordRuntime(settings, connection, model_server)
 
     @asynccontextmanager
@@ -34,12 +36,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await discord.stop()
             await model_server.stop()
+            gate.close()
             if connection is not None:
                 connection.close()
 
     app = FastAPI(title="handwriting-ai", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.models = model_server
+    app.state.gate = gate
     app.state.redis = connection
     app.state.discord = discord
     install_error_handlers(app)

@@ -46,12 +46,25 @@ BG_GRID: Final = 16  # cells along the longer side for the background (lighting)
 BG_SMALL_SIDE: Final = 64  # at or below this size the background is taken as uniform
 BG_PERCENTILE: Final = 5.0  # uniform background of small images
 BG_MEAN_SIDE: Final = 4  # pixels averaged before the per-cell minimum
+BG_OPEN_CELLS: Final = 7  # the cell grid is opened (min then max) over this many cells: strokes up to about
+#                          that wide are ink, not paper, so a thick marker stroke stays filled
 MIN_THRESHOLD: Final = 24
 SPECK_FRAC: Final = 0.05  # components smaller than this share of the largest are dropped
 SPECK_MIN_AREA_FRAC: Final = 2e-4  # ... as is anything under this share of the image
+RULE_FILL: Final = 0.6  # a row (column) this full of ink ...
+RULE_SPAN: Final = 0.9  # ... from end to end ...
+RULE_MAX_FRAC: Final = 0.03  # ... in a band at most this share of the image thick is a ruled line, not a stroke
+BLOCK_MIN: Final = 4  # a drawing enlarged without smoothing, by this factor or more, is read at its own size
+BLOCK_MAX: Final = 64
+BLOCK_AGREE: Final = 0.9  # share of the ink's run lengths that must be multiples of the block side
+BLOCK_CELLS: Final = 5  # ... and the drawing at least this many blocks long
+BLOCK_STEP: Final = 0.05  # block sides tried, from the largest down, in these steps
+BLOCK_MIN_RUNS: Final = 16  # fewer runs than this say nothing
+BLOCK_MAX_RUNS: Final = 256  # more are thinned to this many, evenly
 INK_LEVEL_PERCENTILE: Final = 90.0
 FRINGE_FRAC: Final = 0.25  # next to the ink, contrast above this share of the threshold is still ink
 TARGET_STROKE_PX: Final = 2.0  # stroke width on the 28x28 grid (MNIST is about 2-3)
+MAX_STROKE_PX: Final = 3.0  # bolder strokes (markers) are thinned to this
 BOX_SIDE: Final = 20
 CANVAS: Final = 28
 MNIST_MEAN: Final = 0.1307
@@ -63,13 +76,19 @@ _STEPS: Final = (
     "alpha composited on white (alpha as ink when that leaves no contrast)",
     "grayscale L",
     "polarity from border median (override: invert)",
-    "background = min of 4x4 means per cell on bg_grid (small: percentile), median 3x3, bilinear up",
+    "background = min of 4x4 means per cell on bg_grid (small: percentile), grey opening over bg_open_cells, "
+    "bilinear up",
     "contrast = img - background",
     "threshold = max(otsu(contrast), min_threshold); blank if max contrast < min_ink_contrast",
+    "ruled lines: bands of rows/columns >= rule_fill inked, ink spanning >= rule_span, <= rule_max_frac thick, "
+    "replaced by the lesser neighbour",
     "8-connected components; drop specks",
     "crop to kept ink and its fringe (dilated mask with contrast >= fringe_frac * threshold)",
+    "blocky (block_agree of run lengths within a pixel of multiples of f, f from min(block_max, "
+    "side/block_cells) down to block_min by block_step): box reduce by f",
     "ink = contrast / ink_level percentile, clipped, zero outside",
-    "stroke width 2*area/perimeter (pixel sides); grey dilation up to target_stroke_px on the output grid",
+    "stroke width 2*area/perimeter (pixel sides); grey dilation up to target_stroke_px, grey erosion down to "
+    "max_stroke_px on the output grid",
     "resize longer side to box_side (box when reducing, bilinear when enlarging), aspect kept",
     "place in canvas by centre of mass (rounded, kept inside)",
     "uint8 = round(255 * ink); tensor = (uint8/255 - mean) / std",
@@ -78,14 +97,16 @@ _STEPS: Final = (
 
 _HASHED_CONSTANTS: Final = (
     "WORK_SIDE", "MIN_SIDE", "MAX_ASPECT", "BORDER_FRAC", "BG_GRID", "BG_SMALL_SIDE", "BG_PERCENTILE", "BG_MEAN_SIDE",
-    "MIN_INK_CONTRAST", "MIN_THRESHOLD", "SPECK_FRAC", "SPECK_MIN_AREA_FRAC", "INK_LEVEL_PERCENTILE", "FRINGE_FRAC",
-    "TARGET_STROKE_PX", "BOX_SIDE", "CANVAS", "MNIST_MEAN", "MNIST_STD",
+    "BG_OPEN_CELLS", "MIN_INK_CONTRAST", "MIN_THRESHOLD", "SPECK_FRAC", "SPECK_MIN_AREA_FRAC", "RULE_FILL",
+    "RULE_SPAN", "RULE_MAX_FRAC", "BLOCK_MIN", "BLOCK_MAX", "BLOCK_AGREE", "BLOCK_CELLS", "BLOCK_STEP",
+    "BLOCK_MIN_RUNS", "BLOCK_MAX_RUNS", "INK_LEVEL_PERCENTILE", "FRINGE_FRAC",
+    "TARGET_STROKE_PX", "MAX_STROKE_PX", "BOX_SIDE", "CANVAS", "MNIST_MEAN", "MNIST_STD",
 )
 
 
 def _canonical_description() -> str:
     constants = {name: globals()[name] for name in _HASHED_CONSTANTS}
-    return json.dumps({"pipeline": "handwriting-ai/preprocess/1", "steps": _STEPS, "constants": constants},
+    return json.dumps({"pipeline": "handwriting-ai/preprocess/2", "steps": _STEPS, "constants": constants},
                       sort_keys=True, separators=(",", ":"))
 
 
@@ -127,7 +148,9 @@ def _background(img: U8) -> F32:
     gh, gw = -(-mh // k), -(-mw // k)
     padded = np.pad(means, ((0, gh * k - mh), (0, gw * k - mw)), mode="edge")
     grid = padded.reshape(gh, k, gw, k).min(axis=(1, 3))
-    grid = ndimage.median_filter(grid, size=3, mode="nearest")
+    # An opening, not a median: a cell wholly inside a thick stroke reads as ink, and so does a run of
+    # such cells up to BG_OPEN_CELLS wide, while smooth lighting passes through unchanged.
+    grid = ndimage.grey_opening(grid, size=(BG_OPEN_CELLS, BG_OPEN_CELLS), mode="nearest")
     up = Image.fromarray(grid, mode="F").resize((w, h), Image.Resampling.BILINEAR)
     return np.asarray(up, dtype=np.float32)
 
@@ -164,6 +187,9 @@ def preprocess_gray(gray: U8, *, invert: bool | None = None) -> Preprocessed:
         raise NoDigitFoundError("no digit found: the image is blank or has too little contrast")
     threshold = max(_otsu(contrast), MIN_THRESHOLD)
     mask = contrast >= threshold
+    _remove_rules(contrast_f, mask, threshold)
+    if not mask.any():
+        raise NoDigitFoundError("no digit found: only ruled lines")
 
     labels = np.empty(mask.shape, dtype=np.intp)
     n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool), output=labels)
@@ -189,16 +215,20 @@ def preprocess_gray(gray: U8, *, invert: bool | None = None) -> Preprocessed:
     t0, t1, l0, l1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     crop_mask = sub_mask[t0:t1, l0:l1]
     crop = sub[t0:t1, l0:l1]
+    crop_inked = inked[t0:t1, l0:l1]
+    block = _block_side(crop_mask)
+    if block > 1:
+        crop, crop_mask, crop_inked = _unblock(crop, crop_mask, crop_inked, block)
 
     ink_values = crop[crop_mask]
     k = min(ink_values.size - 1, int(ink_values.size * INK_LEVEL_PERCENTILE / 100))
     level = max(float(np.partition(ink_values, k)[k]), 1.0)
     ink = np.clip(crop / level, 0.0, 1.0).astype(np.float32)
-    ink *= inked[t0:t1, l0:l1]
+    ink *= crop_inked
 
     h, w = ink.shape
     scale = BOX_SIDE / max(h, w)
-    ink = _thicken(ink, crop_mask, scale)
+    ink = _normalise_stroke(ink, crop_mask, scale)
 
     out_h = max(1, round(h * scale))
     out_w = max(1, round(w * scale))
@@ -232,8 +262,8 @@ def _dilate3(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     return out
 
 
-def _thicken(ink: F32, mask: npt.NDArray[np.bool_], scale: float) -> F32:
-    """Grow thin pen strokes so they are about TARGET_STROKE_PX wide after scaling."""
+def _normalise_stroke(ink: F32, mask: npt.NDArray[np.bool_], scale: float) -> F32:
+    """Grow thin pen strokes to about TARGET_STROKE_PX and thin marker strokes to MAX_STROKE_PX, after scaling."""
     area = float(np.count_nonzero(mask))
     # Perimeter as the count of pixel sides between ink and paper (inside the crop).
     perimeter = float(np.count_nonzero(mask[1:] != mask[:-1]) + np.count_nonzero(mask[:, 1:] != mask[:, :-1]))
@@ -244,10 +274,81 @@ def _thicken(ink: F32, mask: npt.NDArray[np.bool_], scale: float) -> F32:
     stroke = 2.0 * area / perimeter  # width of a long thin shape: area / (perimeter / 2)
     missing = TARGET_STROKE_PX / scale - stroke
     radius = int(missing // 2)
-    if radius < 1:
-        return ink
-    size = 2 * radius + 1
-    return np.asarray(ndimage.grey_dilation(ink, size=(size, size)), dtype=np.float32)
+    if radius >= 1:
+        size = 2 * radius + 1
+        return np.asarray(ndimage.grey_dilation(ink, size=(size, size)), dtype=np.float32)
+    excess = stroke - MAX_STROKE_PX / scale
+    radius = int(excess // 2)
+    if radius >= 1:
+        size = 2 * radius + 1
+        return np.asarray(ndimage.grey_erosion(ink, size=(size, size)), dtype=np.float32)
+    return ink
+
+
+def _remove_rules(contrast: F32, mask: npt.NDArray[np.bool_], threshold: int) -> None:
+    """Ruled lines (and a margin or grid) out of `contrast` and `mask`, in place.
+
+    A line is a thin band of rows (columns) mostly ink from one side of the image to the other; its rows
+    take the lesser of the rows just outside it, so a stroke crossing the line stays joined and the line
+    itself goes. (A stroke of a digit rarely runs from edge to edge, and in a small image none is thin enough.)
+    """
+    for c, m in ((contrast, mask), (contrast.T, mask.T)):
+        across = m.shape[1]
+        full = np.count_nonzero(m, axis=1) >= RULE_FILL * across
+        if not full.any():
+            continue
+        first = np.argmax(m, axis=1)
+        last = across - 1 - np.argmax(m[:, ::-1], axis=1)
+        full &= (last - first + 1) >= RULE_SPAN * across
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], full.astype(np.int8), [0]))))
+        thin = RULE_MAX_FRAC * m.shape[0]
+        for a, b in zip(edges[::2], edges[1::2], strict=True):
+            if b - a > thin:
+                continue
+            above = c[a - 1] if a > 0 else np.zeros(across, dtype=np.float32)
+            below = c[b] if b < c.shape[0] else np.zeros(across, dtype=np.float32)
+            c[a:b] = np.minimum(above, below)
+            m[a:b] = c[a:b] >= threshold
+
+
+def _run_lengths(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.intp]:
+    """Lengths of the interior runs (ink or paper) along every row, and where each starts."""
+    change = mask[:, 1:] != mask[:, :-1]
+    rows, cols = np.nonzero(change)
+    same_row = rows[1:] == rows[:-1]
+    return np.asarray((cols[1:] - cols[:-1])[same_row], dtype=np.intp)
+
+
+def _block_side(mask: npt.NDArray[np.bool_]) -> float:
+    """f when the ink is a small drawing enlarged f times without smoothing (runs near multiples of f), else 1."""
+    runs = np.concatenate([_run_lengths(mask), _run_lengths(mask.T)]).astype(np.float32)
+    top = min(BLOCK_MAX, max(mask.shape) / BLOCK_CELLS)
+    if runs.size < BLOCK_MIN_RUNS or top <= BLOCK_MIN:
+        return 1.0
+    runs = runs[:: -(-runs.size // BLOCK_MAX_RUNS)]
+    sides = np.arange(top, BLOCK_MIN, -BLOCK_STEP, dtype=np.float32)[:, None]  # largest first
+    multiples = np.maximum(1.0, np.rint(runs / sides)) * sides
+    # An edge may move by a pixel (JPEG, a non-integer enlargement), by half a pixel at small factors.
+    slack = np.where(sides < 2 * BLOCK_MIN, 0.5, 1.0)
+    agree = np.count_nonzero(np.abs(runs - multiples) <= slack, axis=1) >= BLOCK_AGREE * runs.size
+    return float(sides[int(np.argmax(agree)), 0]) if agree.any() else 1.0
+
+
+def _unblock(crop: F32, mask: npt.NDArray[np.bool_], inked: npt.NDArray[np.bool_],
+             side: float) -> tuple[F32, npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """The crop reduced by the block side (box averaging): the small drawing it was enlarged from.
+
+    The crop starts and ends at the ink's edges, which are block edges, so the blocks line up."""
+    h, w = crop.shape
+    size = (max(1, round(w / side)), max(1, round(h / side)))
+
+    def shrink(a: F32) -> F32:
+        return np.asarray(Image.fromarray(a, mode="F").resize(size, Image.Resampling.BOX), dtype=np.float32)
+
+    small_mask = shrink(mask.astype(np.float32)) >= 0.5
+    if not small_mask.any():
+        return crop, mask, inked
+    return shrink(crop), small_mask, shrink(inked.astype(np.float32)) > 0
 
 
 def to_tensor(preview: U8) -> torch.Tensor:

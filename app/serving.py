@@ -18,7 +18,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ from app.network import ARCHS, available_cores, build_model
 from app.observability import ACTIVE_MODEL, FAILED_ACTIVATIONS, MODEL_SWAPS
 from app.prediction import ModelNotReadyError, Prediction, PredictionTimeoutError
 from app.preprocess import Preprocessed, preprocess_gray
-from app.store import ActivePointer, ModelStore, StoredVersion, VersionNotFoundError
+from app.store import ActivePointer, ModelStore, StorageFullError, StoredVersion, VersionNotFoundError
 from config.settings import Settings
 
 log = logging.getLogger("app.serving")
@@ -115,6 +115,10 @@ def _prepare(data: bytes, invert: bool | None, max_pixels: int, gave_up: threadi
     if gave_up.is_set():
         raise _GaveUpError()
     return preprocess_gray(gray, invert=invert)
+
+
+# The promotion gate as the server sees it: (candidate, model in service or None) -> serve the candidate?
+Promote = Callable[[LoadedModel, LoadedModel | None], Awaitable[bool]]
 
 
 @dataclass
@@ -244,13 +248,15 @@ class ModelServer:
     # --- changing the served model ---
 
     async def add_version(
-        self, incoming: Path, manifest: ManifestV1_1, weights_sha256: str, *, activate: bool
+        self, incoming: Path, manifest: ManifestV1_1, weights_sha256: str, *, activate: bool,
+        promote: Promote | None = None,
     ) -> tuple[StoredVersion, bool]:
         """Validate an uploaded model (weights at `incoming/model.pt`), store it, maybe serve it.
 
         The candidate is loaded and smoke-tested before anything is stored; on any refusal
-        `incoming` is removed, nothing is stored and the served model is untouched.
-        Returns the stored version and whether it is now active.
+        `incoming` is removed, nothing is stored and the served model is untouched. With `activate`,
+        `promote` (the promotion gate) decides whether the stored candidate replaces the model in
+        service. Returns the stored version and whether it is now active.
         """
         runtime = self._require_runtime()
         weights = incoming / WEIGHTS_FILE
@@ -261,11 +267,19 @@ class ModelServer:
             await asyncio.to_thread(self.store.discard, incoming)
             raise
         async with runtime.lock:
-            stored, _ = await asyncio.to_thread(self.store.commit, incoming, manifest, weights_sha256)
+            stored, new = await asyncio.to_thread(self.store.commit, incoming, manifest, weights_sha256)
+            if activate and promote is not None:
+                activate = await promote(LoadedModel(manifest=stored.manifest, net=candidate.net), self._current)
             if activate:
-                await asyncio.to_thread(self.store.set_active, stored.model_id, stored.version)
+                try:
+                    await asyncio.to_thread(self.store.set_active, stored.model_id, stored.version)
+                except StorageFullError:
+                    if new:  # undo this upload's commit: a full disk leaves the store as it was
+                        await asyncio.to_thread(self.store.remove, stored.model_id, stored.version)
+                    raise
                 self._install(LoadedModel(manifest=stored.manifest, net=candidate.net))
-            await asyncio.to_thread(self.store.prune, stored.model_id)
+            # Retention never removes the version this request stored.
+            await asyncio.to_thread(self.store.prune, stored.model_id, protect=(stored.version,))
         return stored, activate
 
     async def activate(self, model_id: str, version: str) -> StoredVersion:

@@ -75,7 +75,12 @@ class ApiSettings(BaseModel):
                            description="auto: bf16 autocast where the CPU has native bf16, else fp32")
     manifest_max_bytes: int = Field(default=64 * 1024, ge=1024)
     model_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
-    keep_versions: int = Field(default=5, ge=1)
+    keep_versions: int = Field(default=5, ge=1, description="versions kept per model, by the time this server "
+                               "received them; the active one and the last that passed the gate are kept besides")
+    gate_tolerance: float = Field(default=0.2, ge=0, le=100, description="accuracy points a candidate may lose "
+                                  "against the active model on the gate set and still go live")
+    gate_size: int = Field(default=1000, ge=50, le=10_000, description="MNIST test digits in the promotion "
+                           "gate's set (half plain, half photo-like renders)")
     model_poll_s: float = Field(
         default=5.0, ge=0, description="seconds between checks of the active pointer for changes made by another "
         "process sharing DATA_DIR; 0: never"
@@ -98,6 +103,8 @@ class TrainSettings(BaseModel):
     dots_prob: float = Field(default=0.0, ge=0, le=1, description="share of images given dots/occlusions")
     blur_prob: float = Field(default=0.0, ge=0, le=1, description="share of images blurred")
     morph_prob: float = Field(default=0.0, ge=0, le=1, description="share of images eroded or dilated")
+    photo_share: float = Field(default=0.2, ge=0, le=1, description="share of the training (and validation) "
+                               "digits shown as photo-like renders, preprocessed as /v1/read does; 0: plain MNIST")
     upload_attempts: int = Field(default=6, ge=1)
     upload_backoff_s: float = Field(default=2.0, ge=0)
     upload_timeout_s: float = Field(default=120.0, gt=0)
@@ -203,6 +210,10 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+    @property
+    def gate_dir(self) -> Path:
+        return self.data_dir / "gate"
 
     @property
     def artifacts_dir(self) -> Path:

@@ -73,7 +73,7 @@ def write_artifacts(
         "created_at": created.isoformat(),
         "preprocess_hash": PREPROCESS_HASH,
         "val_acc": round(outcome.val_acc, 6),
-        "temperature": 1.0,
+        "temperature": outcome.temperature,
         "test_acc": round(outcome.test_acc, 6),
         "epochs": job.epochs,
         "batch_size": job.batch_size,

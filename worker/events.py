@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
@@ -12,6 +13,7 @@ import redis
 from rq.job import Job
 
 from app.contracts import (
+    GATE_RESULT_FIELDS,
     META_ERROR,
     META_LAST_EVENT,
     META_MODEL_ID,
@@ -183,9 +185,12 @@ class JobReporter(RunHooks):
     def pruned(self, deleted_count: int) -> None:
         self.emit(TrainPruneV1.model_validate({**self._ids(), "deleted_count": deleted_count}))
 
-    def completed(self, val_acc: float, test_acc: float, version: str, activated: bool) -> None:
+    def completed(self, val_acc: float, test_acc: float, version: str, activated: bool,
+                  gate: Mapping[str, object] | None = None) -> None:
+        """`gate`: the job result's GATE_RESULT_FIELDS (whether and why the model went live), when known."""
+        why = {k: v for k, v in (gate or {}).items() if k in GATE_RESULT_FIELDS and v is not None}
         self.emit(TrainCompletedV1.model_validate({**self._ids(), "val_acc": val_acc, "test_acc": test_acc,
-                                                   "version": version, "activated": activated}),
+                                                   "version": version, "activated": activated, **why}),
                   {META_STAGE: "completed"})
 
     def failed(self, kind: Literal["user", "system"], message: str) -> None:

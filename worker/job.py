@@ -27,6 +27,7 @@ from app.contracts import (
     META_RESULT,
     META_USER_ID,
     DigitsTrainJobV1,
+    GateReport,
     describe_errors,
 )
 from app.estimate import Throughput, throughput_key
@@ -71,6 +72,11 @@ class RunResult:
     epochs: int
     arch: str
     upload_note: str | None = None
+    # The API's promotion gate (app.contracts.GATE_RESULT_FIELDS): why the model went live or not.
+    gate_decision: str | None = None
+    gate_candidate_acc: float | None = None
+    gate_active_acc: float | None = None
+    activation_reason: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -99,7 +105,8 @@ def run_training(
     hooks.stage("preparing")
     try:
         data = load_mnist(settings.cache_dir, val_size=settings.train.val_size, limit=settings.train.limit,
-                          workers=hardware.threads, on_status=lambda msg: log.info(msg))
+                          workers=hardware.threads, on_status=lambda msg: log.info(msg),
+                          photo_share=settings.train.photo_share)
     except MnistUnavailableError as exc:
         raise JobFailure("system", f"training data unavailable: {exc}") from exc
 
@@ -117,6 +124,7 @@ def run_training(
 
     activated = uploaded = False
     note: str | None = None
+    gate: GateReport | None = None
     key = settings.handwriting_api_key
     if upload and key is None:
         note = "not uploaded: HANDWRITING_API_KEY is not set"
@@ -131,6 +139,9 @@ def run_training(
         except UploadError as exc:
             raise JobFailure("system", f"{exc}. The trained model is kept at {artifacts.directory}") from exc
         activated, uploaded = result.activated, True
+        gate = result.gate
+        if not activated:
+            note = gate.reason if gate is not None else "uploaded; the API did not activate it"
         hooks.uploaded(result)
         try:  # housekeeping: a disk error here must not fail a run whose model is already live
             mark_uploaded(artifacts, result.status)
@@ -147,6 +158,8 @@ def run_training(
         test_acc=round(outcome.test_acc, 6), activated=activated, uploaded=uploaded,
         artifacts_dir=str(artifacts.directory), device=outcome.device, train_seconds=round(outcome.seconds, 2),
         train_samples=outcome.train_samples, epochs=job.epochs, arch=str(artifacts.manifest["arch"]), upload_note=note,
+        gate_decision=gate.decision if gate else None, gate_candidate_acc=gate.candidate_acc if gate else None,
+        gate_active_acc=gate.active_acc if gate else None, activation_reason=gate.reason[:1000] if gate else None,
     )
 
 

@@ -173,7 +173,7 @@ class TrainWorker(Worker):
             try:
                 reporter.completed(
                     val_acc=float(result["val_acc"]), test_acc=float(result["test_acc"]),
-                    version=str(result["version"]), activated=result.get("activated") is True,
+                    version=str(result["version"]), activated=result.get("activated") is True, gate=result,
                 )
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("job %s finished without a usable result: %s", job.id, exc, extra={"job_id": job.id})

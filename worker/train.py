@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.contracts import DigitsTrainJobV1
+from app.contracts import N_CLASSES, DigitsTrainJobV1
 from app.network import ARCHS, available_cores, build_model, cpu_has_fast_bf16
 from app.preprocess import MNIST_MEAN, MNIST_STD
 from config.settings import TrainSettings
 from worker.augment import apply_modifiers, random_affine
+from worker.calibrate import fit_temperature
 from worker.data import MnistSplits
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class TrainOutcome:
     train_samples: int
     augment_seconds: float  # time spent in augmentation, for the <10% budget
     history: list[dict[str, float]]
+    temperature: float = 1.0  # calibrated on the validation split (worker.calibrate)
 
 
 def pick_hardware(settings: TrainSettings) -> Hardware:
@@ -126,18 +128,24 @@ def to_unit(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.to(torch.float32).div_(255.0).unsqueeze(1)
 
 
-def evaluate(
-    model: nn.Module, images_u8: torch.Tensor, labels: torch.Tensor, device: torch.device, dtype: torch.dtype | None
-) -> float:
+def predict_logits(
+    model: nn.Module, images_u8: torch.Tensor, device: torch.device, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """fp32 logits (N x classes, on the CPU) for uint8 images, in EVAL_BATCH chunks."""
     model.eval()
-    correct = 0
+    out = []
     with torch.inference_mode(), _autocast(device, dtype):
         for start in range(0, len(images_u8), EVAL_BATCH):
             x = normalise(to_unit(images_u8[start : start + EVAL_BATCH].to(device)))
-            x = x.contiguous(memory_format=torch.channels_last)
-            pred = model(x).argmax(dim=1)
-            correct += int((pred == labels[start : start + EVAL_BATCH].to(device)).sum().item())
-    return correct / max(1, len(images_u8))
+            out.append(model(x.contiguous(memory_format=torch.channels_last)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, N_CLASSES)
+
+
+def evaluate(
+    model: nn.Module, images_u8: torch.Tensor, labels: torch.Tensor, device: torch.device, dtype: torch.dtype | None
+) -> float:
+    pred = predict_logits(model, images_u8, device, dtype).argmax(dim=1)
+    return int((pred == labels.cpu()).sum().item()) / max(1, len(images_u8))
 
 
 def train(
@@ -243,9 +251,10 @@ def train(
 
     model.load_state_dict(best_state)
     test_acc = evaluate(model, data.test_x, data.test_y, device, dtype)
+    temperature = fit_temperature(predict_logits(model, data.val_x, device, dtype), data.val_y)
     state = {k: v.contiguous() for k, v in best_state.items()}
     return TrainOutcome(
         state_dict=state, val_acc=best_acc, test_acc=test_acc, best_epoch=best_epoch,
         device=hardware.describe(), seconds=time.perf_counter() - started,
-        train_samples=n, augment_seconds=augment_seconds, history=history,
+        train_samples=n, augment_seconds=augment_seconds, history=history, temperature=temperature,
     )

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Final
 
 import httpx
+from pydantic import ValidationError
 
-from app.contracts import MANIFEST_FILE, WEIGHTS_FILE
+from app.contracts import MANIFEST_FILE, WEIGHTS_FILE, GateReport
 from worker.artifacts import Artifacts
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,15 @@ class UploadResult:
     body: dict[str, object]
     model_bytes: int
     manifest_bytes: int
+    gate: GateReport | None = None  # the API's promotion gate: whether and why the model went live
+
+
+def _gate_of(body: dict[str, object]) -> GateReport | None:
+    try:
+        return GateReport.model_validate(body["gate"]) if body.get("gate") is not None else None
+    except ValidationError as exc:
+        log.warning("ignoring the upload answer's unreadable gate report: %s", exc)
+        return None
 
 
 def _describe(response: httpx.Response) -> str:
@@ -99,7 +109,8 @@ def upload_artifacts(
                     body = body if isinstance(body, dict) else {}
                     activated = body.get("activated", True)
                     return UploadResult(activated=activated is True, status=response.status_code, body=body,
-                                        model_bytes=len(weights_bytes), manifest_bytes=len(manifest_bytes))
+                                        model_bytes=len(weights_bytes), manifest_bytes=len(manifest_bytes),
+                                        gate=_gate_of(body))
                 last_error = _describe(response)
                 if response.status_code < 500:
                     raise UploadError(f"the API refused the model: {last_error}")

@@ -71,11 +71,7 @@ def render(event: TrainEvent) -> str:
             f"{event.samples_per_sec:,.0f} images/s\n{_ids(event)}"
         )
     if isinstance(event, TrainCompletedV1):
-        active = (
-            "It is now the active model."
-            if event.activated
-            else "It was not activated; the model in service is unchanged."
-        )
+        active = activation_sentence(event)
         return (
             f"Training `{event.model_id}` finished.\n"
             f"Validation accuracy {event.val_acc:.2%} · test accuracy {event.test_acc:.2%}\n"
@@ -84,6 +80,21 @@ def render(event: TrainEvent) -> str:
     reason = event.message.strip().splitlines()[0][:300] if event.message.strip() else "no reason given"
     who = "the request was refused" if event.error_kind == "user" else "something went wrong on our side"
     return f"Training `{event.model_id}` failed ({who}): {reason}\n{_ids(event)}"
+
+
+def activation_sentence(event: TrainCompletedV1) -> str:
+    """Whether the model went live, and why, with both accuracies on the API's gate set when measured."""
+    cand, was = event.gate_candidate_acc, event.gate_active_acc
+    figures = f" (gate set: {cand:.2%} vs {was:.2%} for the model in service)" if cand is not None and \
+        was is not None else ""
+    if event.activated:
+        forced = " (activated with force, without the gate)" if event.gate_decision == "forced" else ""
+        return f"It is now the active model{figures}{forced}."
+    if event.gate_decision == "refused":
+        return (f"It was not activated: the promotion gate found it worse than the model in service{figures}. "
+                "The model in service is unchanged; the new version is stored and an admin can activate it.")
+    reason = f": {event.activation_reason}" if event.activation_reason else ""
+    return f"It was not activated{reason}; the model in service is unchanged."
 
 
 def is_final(event: TrainEvent) -> bool:
