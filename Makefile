@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-newcomer install lint typecheck pytest bench bench-read bench-interactions bench-train bench-forward mutation clean
+.PHONY: run test test-newcomer install lint typecheck pytest bench bench-read bench-bombs bench-interactions bench-train \
+	bench-forward mutation clean
 
 # DEV_ARGS reaches `digits dev`, e.g. make run DEV_ARGS="--port 8080 --first-model-limit 5000".
 run: $(STAMP)
@@ -46,6 +47,10 @@ bench: $(STAMP)
 
 bench-read: $(STAMP)
 	$(BIN)/python -m bench.read --spawn
+
+# 16 decompression bombs beside 16 normal readers: normal-read p99 and the API's memory.
+bench-bombs: $(STAMP)
+	$(BIN)/python -m bench.bombs --spawn
 
 bench-interactions: $(STAMP)
 	$(BIN)/python -m bench.interactions

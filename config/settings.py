@@ -8,11 +8,29 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DISCORD_API_BASE = "https://discord.com/api/v10"
+DEFAULT_DISCORD_ATTACHMENT_ORIGINS = "https://cdn.discordapp.com,https://media.discordapp.net"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_of(url: str) -> str | None:
+    """`scheme://host[:port]` of an http(s) URL, lower-case, the scheme's default port left out; None for
+    anything else (another scheme, no host, user info, a port that is not a number)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), (parts.hostname or "")
+    if scheme not in _DEFAULT_PORTS or not host or parts.username is not None or parts.password is not None:
+        return None
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" if port is None or port == _DEFAULT_PORTS[scheme] else f"{scheme}://{host}:{port}"
 
 
 class RqSettings(BaseModel):
@@ -23,8 +41,14 @@ class ApiSettings(BaseModel):
     """Limits and behaviour of the HTTP service."""
 
     read_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
-    read_max_pixels: int = Field(default=50_000_000, ge=1)
+    read_max_pixels: int = Field(
+        default=9_437_184, ge=1, description="pixels one decode may hold at full size (app.decode): a PNG's, or "
+        "a baseline JPEG's at 1/8 scale; the default is app.decode.DEFAULT_MAX_PIXELS"
+    )
     read_timeout_s: float = Field(default=5.0, gt=0)
+    read_queue_max: int = Field(
+        default=64, ge=1, description="reads admitted at once (waiting or running); one more answers 503 overloaded"
+    )
     uncertain_below: float = Field(default=0.70, ge=0, le=1)
     tta: bool = False
     batch_max: int = Field(default=32, ge=1, le=512)
@@ -99,7 +123,14 @@ class Settings(BaseSettings):
     discord_api_base: str = DEFAULT_DISCORD_API_BASE
     discord_read_public: bool = False
     discord_train_rate_per_hour: int = Field(default=3, ge=0, description="0 disables the limit")
-    discord_timestamp_max_age_s: int = Field(default=0, ge=0, description="0: no freshness check")
+    discord_read_rate_per_minute: int = Field(default=10, ge=0, description="/read per user; 0 disables the limit")
+    discord_timestamp_max_age_s: int = Field(
+        default=300, ge=0, description="refuse interactions signed further than this from now; 0: no check"
+    )
+    discord_attachment_origins: str = Field(
+        default=DEFAULT_DISCORD_ATTACHMENT_ORIGINS,
+        description="comma-separated scheme://host[:port] that /read downloads attachments from (each redirect too)",
+    )
     discord_progress_interval_s: float = Field(
         default=5.0, ge=0.5, description="least seconds between two progress edits of one /train message"
     )
@@ -119,6 +150,21 @@ class Settings(BaseSettings):
         if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
             raise ValueError("must be the application's public key: 64 hex characters")
         return value
+
+    @field_validator("discord_attachment_origins")
+    @classmethod
+    def _origins_are_origins(cls, value: str) -> str:
+        origins = []
+        for entry in (e.strip() for e in value.split(",")):
+            origin = origin_of(entry)
+            if origin is None or urlsplit(entry).path not in ("", "/") or urlsplit(entry).query:
+                raise ValueError(f"{entry!r} is not an origin: each entry is scheme://host[:port], http or https")
+            origins.append(origin)
+        return ",".join(origins)
+
+    @property
+    def attachment_origins(self) -> frozenset[str]:
+        return frozenset(self.discord_attachment_origins.split(","))
 
     @field_validator("handwriting_api_url", "discord_api_base")
     @classmethod

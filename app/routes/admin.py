@@ -30,13 +30,13 @@ import os
 from pathlib import Path
 from typing import IO, Annotated, Final
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 from pydantic import BaseModel, ValidationError
 
-from app.auth import ApiKeyDep, require_api_key
+from app.auth import ApiKeyDep, key_before_body
 from app.body_limit import body_limit_route
 from app.contracts import MANIFEST_SCHEMA_VERSION, MODEL_ID_PATTERN, WEIGHTS_FILE, ManifestV1_1, describe_errors
-from app.deps import ModelsDep, SettingsDep, get_settings_dep
+from app.deps import ModelsDep, SettingsDep
 from app.errors import ApiError
 from app.preprocess import PREPROCESS_HASH
 from app.serving import CandidateError
@@ -100,12 +100,6 @@ def parse_manifest(raw: bytes) -> ManifestV1_1:
 
 def _upload_cap(settings: Settings) -> int:
     return settings.api.manifest_max_bytes + settings.api.model_max_bytes + _MULTIPART_OVERHEAD
-
-
-def _key_before_body(request: Request) -> None:
-    """FastAPI reads the body before it runs dependencies: without this, anyone could make the API
-    receive a full upload before the 401."""
-    require_api_key(get_settings_dep(request), request.headers.get("X-Api-Key"))
 
 
 def check_sizes(api: ApiSettings, manifest: UploadFile, model: UploadFile) -> None:
@@ -192,7 +186,7 @@ router.add_api_route(
     upload_model,
     methods=["POST"],
     response_model=UploadResponse,
-    route_class_override=body_limit_route(_upload_cap, multipart=True, before_body=_key_before_body),
+    route_class_override=body_limit_route(_upload_cap, multipart=True, before_body=key_before_body),
 )
 
 

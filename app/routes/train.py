@@ -5,14 +5,16 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.auth import ApiKeyDep
+from app.auth import ApiKeyDep, key_before_body
+from app.body_limit import JSON_MAX_BYTES, body_limit_route
 from app.contracts import DigitsTrainJobV1, describe_errors
 from app.deps import RedisDep, SettingsDep
-from app.errors import ApiError
+from app.errors import ApiError, documented_errors
 from app.observability import current_request_id, new_request_id
 from app.queue import enqueue_train, require_connection
 
-router = APIRouter(tags=["training"])
+# The key is checked and the body capped before a byte of it is read (app.body_limit).
+router = APIRouter(tags=["training"], route_class=body_limit_route(JSON_MAX_BYTES, before_body=key_before_body))
 
 
 class TrainRequest(BaseModel):
@@ -36,7 +38,15 @@ class TrainAccepted(BaseModel):
     status_url: str
 
 
-@router.post("/v1/train", status_code=status.HTTP_202_ACCEPTED, response_model=TrainAccepted)
+_ERRORS = documented_errors({
+    401: "`unauthorized`: X-Api-Key missing or wrong (checked before the body is read)",
+    413: "`too_large`: the body is over 64 KiB (refused from Content-Length, or at the first byte over)",
+    422: "`invalid_request`: a field is wrong",
+    503: "`training_unavailable`: Redis not configured or not reachable",
+})
+
+
+@router.post("/v1/train", status_code=status.HTTP_202_ACCEPTED, response_model=TrainAccepted, responses=_ERRORS)
 def create_training_job(
     _: ApiKeyDep, connection: RedisDep, settings: SettingsDep, body: TrainRequest | None = None
 ) -> TrainAccepted:
