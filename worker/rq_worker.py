@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final, Literal
 
 import redis
@@ -63,48 +63,41 @@ class TrainWorker(Worker):
 
     outage_s: float = 0.0
 
-    def _redis_hiccup(self, what: str, exc: redis.RedisError) -> None:
-        self.log.warning("Worker %s: %s skipped, Redis unreachable (%s)", self.name, what, exc)
+    @contextlib.contextmanager
+    def _best_effort(self, what: str) -> Iterator[None]:
+        """Run one bookkeeping write; while Redis is unreachable, log it as skipped instead of dying."""
+        try:
+            yield
+        except redis.RedisError as exc:
+            self.log.warning("Worker %s: %s skipped, Redis unreachable (%s)", self.name, what, exc)
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
         if pipeline is not None:
             super().heartbeat(timeout, pipeline=pipeline)
             return
-        try:
+        with self._best_effort("heartbeat"):
             super().heartbeat(timeout)
-        except redis.RedisError as exc:
-            self._redis_hiccup("heartbeat", exc)
 
     def maintain_heartbeats(self, job: Job) -> None:
-        try:
+        with self._best_effort("job heartbeat"):
             super().maintain_heartbeats(job)
-        except redis.RedisError as exc:
-            self._redis_hiccup("job heartbeat", exc)
 
     def set_current_job_working_time(self, current_job_working_time: float, pipeline: Pipeline | None = None) -> None:
-        try:
+        with self._best_effort("working time"):
             super().set_current_job_working_time(current_job_working_time, pipeline=pipeline)
-        except redis.RedisError as exc:
-            self._redis_hiccup("working time", exc)
 
     def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
-        try:
+        with self._best_effort("state"):
             super().set_state(state, pipeline=pipeline)
-        except redis.RedisError as exc:
-            self._redis_hiccup("state", exc)
 
     def check_for_suspension(self, burst: bool) -> None:
-        try:
+        with self._best_effort("suspension check"):
             super().check_for_suspension(burst)
-        except redis.RedisError as exc:
-            self._redis_hiccup("suspension check", exc)
 
     def run_maintenance_tasks(self) -> None:
         maintain: Callable[[], None] = super().run_maintenance_tasks  # rq leaves it unannotated
-        try:
+        with self._best_effort("maintenance"):
             maintain()
-        except redis.RedisError as exc:
-            self._redis_hiccup("maintenance", exc)
 
     def get_heartbeat_ttl(self, job: Job) -> int:
         return int(super().get_heartbeat_ttl(job) + self.outage_s)
