@@ -4,8 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-newcomer install lint typecheck pytest bench bench-read bench-interactions bench-train bench-forward \
-	bench-quality mutation clean
+.PHONY: run test test-newcomer install lint typecheck pytest bench bench-read bench-bombs bench-interactions bench-train \
+	bench-forward bench-soak bench-quality bench-gate mutation clean
 
 # DEV_ARGS reaches `digits dev`, e.g. make run DEV_ARGS="--port 8080 --first-model-limit 5000".
 run: $(STAMP)
@@ -48,19 +48,32 @@ bench: $(STAMP)
 bench-read: $(STAMP)
 	$(BIN)/python -m bench.read --spawn
 
+# 16 decompression bombs beside 16 normal readers: normal-read p99 and the API's memory.
+bench-bombs: $(STAMP)
+	$(BIN)/python -m bench.bombs --spawn
+
 bench-interactions: $(STAMP)
 	$(BIN)/python -m bench.interactions
 
 bench-train: $(STAMP)
 	$(BIN)/python -m bench.train
 
-bench-forward: $(STAMP)
-	$(BIN)/python -m bench.forward
+# The whole system (Redis, API, worker) under mixed reads, uploads and training for 5 minutes; SOAK_ARGS e.g.
+# "--seconds 600 --readers 8". Prints failed reads (must be 0) and memory / open files over time (flat).
+bench-soak: $(STAMP)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
+# The promotion gate's seconds (cold and warm) and read p99 while a gate measures (starts its own server).
+bench-gate: $(STAMP)
+	$(BIN)/python -m bench.gate
 
 # Our photo set over HTTP: MODEL=DIR (a model's folder) reads with it; without MODEL the default job is
 # trained first. QUALITY_ARGS="--tta", "--direct", "--limit 100", ... pass through (python -m bench.quality -h).
 bench-quality: $(STAMP)
 	$(BIN)/python -m bench.quality $(if $(MODEL),--model $(MODEL),--train) $(QUALITY_ARGS)
+
+bench-forward: $(STAMP)
+	$(BIN)/python -m bench.forward
 
 # Each critical guard removed in turn, in a scratch copy: its tests must notice (minutes; not part of `make test`).
 mutation: $(STAMP)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request
 
-from app.deps import SettingsDep
+from app.deps import SettingsDep, get_settings_dep
 from app.errors import ApiError
 from config.settings import Settings
 
@@ -28,6 +28,12 @@ def require_api_key(settings: SettingsDep, x_api_key: ApiKeyHeader = None) -> No
         raise ApiError(401, "unauthorized", "admin endpoints are disabled: HANDWRITING_API_KEY is not set")
     if not _key_matches(settings, x_api_key):
         raise ApiError(401, "unauthorized", "missing or wrong X-Api-Key")
+
+
+def key_before_body(request: Request) -> None:
+    """`require_api_key` for `body_limit_route(before_body=...)`: FastAPI reads the body before it runs
+    dependencies, so without this anyone could make the API receive a whole body before the 401."""
+    require_api_key(get_settings_dep(request), request.headers.get("X-Api-Key"))
 
 
 def is_admin(settings: SettingsDep, x_api_key: ApiKeyHeader = None) -> bool:

@@ -14,6 +14,7 @@ multipart/form-data, answers 400 `malformed_multipart`.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
+from typing import Final
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -25,6 +26,9 @@ from starlette.types import Message, Receive
 from app.deps import get_settings_dep
 from app.errors import ApiError
 from config.settings import Settings
+
+# Every JSON body this API takes (POST /v1/train, Discord interactions) is far smaller than this.
+JSON_MAX_BYTES: Final = 64 * 1024
 
 # A cap in bytes, fixed or read from the app's settings (per app, so tests can set their own).
 BodyCap = int | Callable[[Settings], int]

@@ -182,12 +182,40 @@ class TrainPruneV1(_EventBase):
     deleted_count: Count
 
 
+GateDecision = Literal["passed", "refused", "forced"]
+ActivationReason = Annotated[StrictStr, Field(max_length=1000)]
+# What the promotion gate said, as the completed event, the job's result and GET /v1/jobs/{id} carry it.
+GATE_RESULT_FIELDS: Final = ("gate_decision", "gate_candidate_acc", "gate_active_acc", "activation_reason")
+
+
 class TrainCompletedV1(_EventBase):
     type: Literal["digits.train.completed.v1"] = "digits.train.completed.v1"
     val_acc: Fraction
     test_acc: Fraction
     version: Annotated[StrictStr, Field(min_length=1)]
     activated: StrictBool
+    # Ours, optional (the gateway bot reads the fields above): why the model went live or not.
+    gate_decision: GateDecision | None = None
+    gate_candidate_acc: Fraction | None = None  # on the API's gate set
+    gate_active_acc: Fraction | None = None  # the model in service then, on the same set
+    activation_reason: ActivationReason | None = None
+
+
+class GateReport(BaseModel):
+    """The promotion gate's answer, as `POST /v1/admin/models/upload` returns it in `gate` (accuracies
+    are fractions of the gate set; figures are absent when nothing was measured)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    decision: GateDecision
+    activated: StrictBool
+    reason: StrictStr
+    candidate_acc: Annotated[float, Field(ge=0, le=1)] | None = None
+    active_acc: Annotated[float, Field(ge=0, le=1)] | None = None
+    active_version: StrictStr | None = None
+    tolerance_points: float
+    images: int | None = None
+    seconds: float | None = None
 
 
 class TrainFailedV1(_EventBase):

@@ -11,6 +11,7 @@ import redis
 from fastapi import Depends, Request
 
 from app.discord.runtime import DiscordRuntime
+from app.gate import PromotionGate
 from app.serving import ModelServer
 from config.settings import Settings
 
@@ -25,6 +26,12 @@ def get_models(request: Request) -> ModelServer:
     models = request.app.state.models
     assert isinstance(models, ModelServer)
     return models
+
+
+def get_gate(request: Request) -> PromotionGate:
+    gate = request.app.state.gate
+    assert isinstance(gate, PromotionGate)
+    return gate
 
 
 def get_redis(request: Request) -> redis.Redis | None:
@@ -42,5 +49,6 @@ def get_discord(request: Request) -> DiscordRuntime:
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 ModelsDep = Annotated[ModelServer, Depends(get_models)]
+GateDep = Annotated[PromotionGate, Depends(get_gate)]
 RedisDep = Annotated[redis.Redis | None, Depends(get_redis)]
 DiscordDep = Annotated[DiscordRuntime, Depends(get_discord)]

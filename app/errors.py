@@ -9,6 +9,7 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.contracts import describe_errors
@@ -31,6 +32,19 @@ _CODE_BY_STATUS: Final = {
     503: "service_unavailable",
     504: "timeout",
 }
+
+
+class ErrorBody(BaseModel):
+    """Every error's body."""
+
+    code: str
+    message: str
+    request_id: str | None
+
+
+def documented_errors(described: dict[int, str]) -> dict[int | str, dict[str, object]]:
+    """OpenAPI `responses=` for a route: each status with the error envelope and the codes it may carry."""
+    return {status: {"model": ErrorBody, "description": text} for status, text in described.items()}
 
 
 class ApiError(Exception):

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis
 from fastapi import FastAPI
 
 from app.discord.runtime import DiscordRuntime
 from app.errors import install_error_handlers
+from app.gate import PromotionGate
 from app.observability import RequestIdMiddleware, configure_logging
+from app.redis_client import connect
 from app.routes import admin, health, job_events, jobs, models, page, read, train
 from app.routes import discord as discord_routes
 from app.serving import ModelServer
@@ -21,9 +22,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
     # Short timeouts: with Redis down, /v1/train must answer 503 quickly and reads must not notice.
-    connection = None if settings.redis_url is None else redis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0, health_check_interval=30)
+    connection = None if settings.redis_url is None else connect(settings.redis_url, settings.redis)
     model_server = ModelServer(settings)
+    gate = PromotionGate(settings)
     discord = DiscordRuntime(settings, connection, model_server)
 
     @asynccontextmanager
@@ -35,12 +36,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await discord.stop()
             await model_server.stop()
+            gate.close()
             if connection is not None:
                 connection.close()
 
     app = FastAPI(title="handwriting-ai", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.models = model_server
+    app.state.gate = gate
     app.state.redis = connection
     app.state.discord = discord
     install_error_handlers(app)

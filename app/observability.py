@@ -28,6 +28,8 @@ READ_LATENCY = Histogram(
 )
 MODEL_SWAPS = Counter("model_swaps_total", "Models activated (hot swaps)")
 FAILED_ACTIVATIONS = Counter("model_activation_failures_total", "Activations refused or failed")
+GATE_DECISIONS = Counter("model_gate_decisions_total", "Promotion gate decisions on activating uploads",
+                         ["decision"])  # passed | refused | forced
 ACTIVE_MODEL = Gauge("active_model_info", "The active model (value 1)", ["model_id", "version"])
 
 

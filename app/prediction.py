@@ -33,6 +33,15 @@ class PredictionTimeoutError(Exception):
         super().__init__(self.message)
 
 
+class ReadOverloadedError(Exception):
+    """As many reads as the service admits are already waiting or running; try again after `retry_after_s`."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        self.retry_after_s = retry_after_s
+        self.message = f"too many reads in progress; try again in {retry_after_s} s"
+        super().__init__(self.message)
+
+
 @dataclass(frozen=True, slots=True)
 class Prediction:
     digit: int
@@ -46,5 +55,6 @@ class Prediction:
 
 class DigitReader(Protocol):
     async def read_digit(self, data: bytes, *, invert: bool | None = None) -> Prediction:
-        """Image bytes -> Prediction; raises PreprocessError, ModelNotReadyError, PredictionTimeoutError."""
+        """Image bytes -> Prediction; raises PreprocessError, ModelNotReadyError, PredictionTimeoutError,
+        ReadOverloadedError."""
         ...

@@ -11,28 +11,36 @@ a 12-megapixel photo costs about what a small one does.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageOps
+from PIL import Image
 from scipy import ndimage
+
+# Decoding lives in app.decode. Re-exported: what callers have always imported from here, and the
+# decoding constants that are part of PREPROCESS_HASH (read from this module's globals).
+from app.decode import DEFAULT_MAX_PIXELS, MIN_INK_CONTRAST, check_dimensions
+from app.decode import MAX_ASPECT as MAX_ASPECT
+from app.decode import MIN_SIDE as MIN_SIDE
+from app.decode import U8 as U8
+from app.decode import WORK_SIDE as WORK_SIDE
+from app.decode import BadDimensionsError as BadDimensionsError
+from app.decode import InvalidImageError as InvalidImageError
+from app.decode import PreprocessError as PreprocessError
+from app.decode import UnsupportedImageTypeError as UnsupportedImageTypeError
+from app.decode import decode_gray as decode_gray
+from app.decode import sniff_image_type as sniff_image_type
 
 if TYPE_CHECKING:  # torch is imported where a tensor is made, so code that only checks images stays light
     import torch
 
-U8 = npt.NDArray[np.uint8]
 F32 = npt.NDArray[np.float32]
 
-# Every constant below is part of PREPROCESS_HASH: change one and models trained before are refused.
-WORK_SIDE: Final = 256  # longer side the image is reduced to before any analysis
-MIN_SIDE: Final = 8  # smaller images carry no readable digit
-MAX_ASPECT: Final = 20.0
-DEFAULT_MAX_PIXELS: Final = 50_000_000
+# Every constant below is part of PREPROCESS_HASH (and WORK_SIDE, MIN_SIDE, MAX_ASPECT, MIN_INK_CONTRAST
+# from app.decode): change one and models trained before are refused.
 BORDER_FRAC: Final = 0.05  # outer ring used to tell the paper's colour
 BG_GRID: Final = 16  # cells along the longer side for the background (lighting) estimate
 BG_SMALL_SIDE: Final = 64  # at or below this size the background is taken as uniform
@@ -40,7 +48,6 @@ BG_PERCENTILE: Final = 5.0  # uniform background of small images
 BG_MEAN_SIDE: Final = 4  # pixels averaged before the per-cell minimum
 BG_OPEN_CELLS: Final = 7  # the cell grid is opened (min then max) over this many cells: strokes up to about
 #                          that wide are ink, not paper, so a thick marker stroke stays filled
-MIN_INK_CONTRAST: Final = 32  # of 255: weaker than this everywhere means there is no digit
 MIN_THRESHOLD: Final = 24
 SPECK_FRAC: Final = 0.05  # components smaller than this share of the largest are dropped
 SPECK_MIN_AREA_FRAC: Final = 2e-4  # ... as is anything under this share of the image
@@ -62,9 +69,6 @@ BOX_SIDE: Final = 20
 CANVAS: Final = 28
 MNIST_MEAN: Final = 0.1307
 MNIST_STD: Final = 0.3081
-
-PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
-JPEG_MAGIC: Final = b"\xff\xd8\xff"
 
 _STEPS: Final = (
     "decode png|jpeg; jpeg draft to >= work_side; reduce to work_side",
@@ -111,28 +115,6 @@ PREPROCESS_DESCRIPTION: Final = _canonical_description()
 PREPROCESS_HASH: Final = hashlib.sha256(PREPROCESS_DESCRIPTION.encode("utf-8")).hexdigest()
 
 
-class PreprocessError(Exception):
-    """Base of every error this module raises; `code` is the API's stable error code."""
-
-    code: str = "preprocessing_failed"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class UnsupportedImageTypeError(PreprocessError):
-    code = "unsupported_media_type"
-
-
-class InvalidImageError(PreprocessError):
-    code = "invalid_image"
-
-
-class BadDimensionsError(PreprocessError):
-    code = "bad_dimensions"
-
-
 class NoDigitFoundError(PreprocessError):
     code = "preprocessing_failed"
 
@@ -141,73 +123,6 @@ class NoDigitFoundError(PreprocessError):
 class Preprocessed:
     tensor: torch.Tensor  # float32, shape (1, 1, 28, 28), normalised
     preview: U8  # uint8, shape (28, 28): white ink on black, what the model sees
-
-
-def sniff_image_type(data: bytes) -> str | None:
-    """'png' or 'jpeg' from the leading bytes, else None."""
-    if data.startswith(PNG_MAGIC):
-        return "png"
-    if data.startswith(JPEG_MAGIC):
-        return "jpeg"
-    return None
-
-
-def _check_dimensions(width: int, height: int, max_pixels: int) -> None:
-    if width * height > max_pixels:
-        raise BadDimensionsError(f"image is {width}x{height}: over the limit of {max_pixels} pixels")
-    if min(width, height) < MIN_SIDE:
-        raise BadDimensionsError(f"image is {width}x{height}: each side must be at least {MIN_SIDE} px")
-    if max(width, height) / min(width, height) > MAX_ASPECT:
-        raise BadDimensionsError(f"image is {width}x{height}: too elongated to hold a digit")
-
-
-def decode_gray(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> U8:
-    """Decode PNG/JPEG bytes to a grayscale uint8 array, upright, alpha on white, <= WORK_SIDE px."""
-    kind = sniff_image_type(data)
-    if kind is None:
-        raise UnsupportedImageTypeError("only PNG and JPEG images are accepted")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
-            _check_dimensions(opened.width, opened.height, max_pixels)
-            if kind == "jpeg":
-                # DCT-domain downscaling: decodes a 12 MP photo at 1/8 scale for a fraction of the cost.
-                longer = max(opened.width, opened.height)
-                if longer > WORK_SIDE:
-                    # draft picks the smallest 1/2, 1/4 or 1/8 scale that is still at least this size.
-                    opened.draft("L", (opened.width * WORK_SIDE // longer, opened.height * WORK_SIDE // longer))
-            opened.load()
-            img = ImageOps.exif_transpose(opened)
-            longer = max(img.width, img.height)
-            if longer > 2 * WORK_SIDE:
-                img = img.reduce(longer // WORK_SIDE)
-            gray = _to_gray(img)
-            if max(gray.width, gray.height) > WORK_SIDE:
-                gray.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
-            return np.asarray(gray, dtype=np.uint8)
-    except PreprocessError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadDimensionsError(f"image has too many pixels: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidImageError(f"the {kind.upper()} data could not be decoded: {exc}") from exc
-
-
-def _to_gray(img: Image.Image) -> Image.Image:
-    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-    if not has_alpha:
-        return img.convert("L")
-    rgba = img.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    flat = Image.alpha_composite(white, rgba).convert("L")
-    alpha = rgba.getchannel("A")
-    flat_range = np.ptp(np.asarray(flat, dtype=np.uint8))
-    alpha_range = np.ptp(np.asarray(alpha, dtype=np.uint8))
-    if int(flat_range) < MIN_INK_CONTRAST and int(alpha_range) >= MIN_INK_CONTRAST:
-        # Light ink drawn on a transparent canvas vanishes on white: the alpha channel is the drawing.
-        return alpha
-    return flat
 
 
 def _border_median(gray: U8) -> float:
@@ -263,7 +178,7 @@ def preprocess_gray(gray: U8, *, invert: bool | None = None) -> Preprocessed:
     """
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise PreprocessError("expected a 2-D uint8 grayscale image")
-    _check_dimensions(gray.shape[1], gray.shape[0], DEFAULT_MAX_PIXELS)
+    check_dimensions(gray.shape[1], gray.shape[0], DEFAULT_MAX_PIXELS)
     dark_ink = _border_median(gray) >= 128 if invert is None else invert
     img = (255 - gray) if dark_ink else gray
 

@@ -11,7 +11,7 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from app.contracts import TrainProgressV1
+from app.contracts import GateDecision, TrainProgressV1
 from app.queue import JobState, JobView
 
 # The progress event's own fields (epoch, batch, loss, ...), without the ids every event carries.
@@ -21,7 +21,8 @@ _PROGRESS_FIELDS: Final = frozenset(TrainProgressV1.model_fields) - {
 
 
 class PublicJobView(BaseModel):
-    """A job as everyone sees it: status, stage, progress, and at the end accuracies, version, activation."""
+    """A job as everyone sees it: status, stage, progress, and at the end accuracies, version, activation
+    (and why: the promotion gate's decision and figures)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -34,6 +35,11 @@ class PublicJobView(BaseModel):
     test_acc: float | None
     version: str | None
     activated: bool | None
+    # The promotion gate: why the model went live or not, with both accuracies on the API's gate set.
+    gate_decision: GateDecision | None = None
+    gate_candidate_acc: float | None = None
+    gate_active_acc: float | None = None
+    activation_reason: str | None = None
     error_kind: Literal["user", "system"] | None
     enqueued_at: datetime | None
     started_at: datetime | None
@@ -46,6 +52,10 @@ class PublicJobView(BaseModel):
 
 def _float(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _decision(value: object) -> GateDecision | None:
+    return value if value == "passed" or value == "refused" or value == "forced" else None
 
 
 def public_view(view: JobView) -> PublicJobView:
@@ -63,6 +73,10 @@ def public_view(view: JobView) -> PublicJobView:
         test_acc=_float(result.get("test_acc")),
         version=version if isinstance(version, str) else None,
         activated=activated if isinstance(activated, bool) else None,
+        gate_decision=_decision(result.get("gate_decision")),
+        gate_candidate_acc=_float(result.get("gate_candidate_acc")),
+        gate_active_acc=_float(result.get("gate_active_acc")),
+        activation_reason=reason if isinstance(reason := result.get("activation_reason"), str) else None,
         error_kind="user" if kind == "user" else "system" if view.error is not None else None,
         enqueued_at=view.enqueued_at,
         started_at=view.started_at,

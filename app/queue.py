@@ -24,6 +24,7 @@ from app.contracts import (
     JOB_RETRY_MAX,
     JOB_TIMEOUT_S,
     META_ERROR,
+    META_LAST_EVENT,
     META_MODEL_ID,
     META_PROGRESS,
     META_REQUEST_ID,
@@ -33,6 +34,8 @@ from app.contracts import (
     TRAIN_JOB_FUNC,
     DigitsTrainJobV1,
 )
+from app.estimate import check_fits
+from config.settings import TrainSettings
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -65,11 +68,15 @@ def require_connection(connection: redis.Redis | None) -> redis.Redis:
     return connection
 
 
-def enqueue_train(connection: redis.Redis, queue_name: str, job: DigitsTrainJobV1) -> str:
-    """Put a validated job on the training queue with the contract's RQ options; returns the RQ job id."""
+def enqueue_train(connection: redis.Redis, queue_name: str, job: DigitsTrainJobV1, *, train: TrainSettings) -> str:
+    """Put a validated job on the training queue with the contract's RQ options; returns the RQ job id.
+
+    Raises JobTooLongError (nothing enqueued) when the job is estimated to run past the job timeout
+    (app.estimate; `train` gives the assumed speed before any worker has measured its own)."""
     payload = DigitsTrainJobV1.model_validate(job.model_dump()).model_dump(mode="json")
     queue = Queue(queue_name, connection=connection)
     try:
+        check_fits(connection, queue.name, job, train)
         rq_job = queue.enqueue_call(
             TRAIN_JOB_FUNC,
             args=(payload,),
@@ -158,6 +165,18 @@ def read_job(connection: redis.Redis, queue_name: str, job_id: str) -> JobView |
         started_at=job.started_at,
         ended_at=job.ended_at,
     )
+
+
+def read_last_event(connection: redis.Redis, job_id: str) -> str | None:
+    """The last event the worker recorded for a job (its JSON text), or None for no such job or event."""
+    if not _JOB_ID.match(job_id):
+        return None
+    try:
+        job = Job.fetch(job_id, connection=connection)
+    except NoSuchJobError:
+        return None
+    raw = job.get_meta(refresh=False).get(META_LAST_EVENT)
+    return raw if isinstance(raw, str) else None
 
 
 def training_in_progress(connection: redis.Redis | None, queue_name: str) -> JobView | None:

@@ -16,8 +16,9 @@ import asyncio
 import functools
 import logging
 import math
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +27,15 @@ from typing import Final
 import torch
 from torch import nn
 
+from app.admission import ReadAdmission
 from app.contracts import N_CLASSES, WEIGHTS_FILE, ManifestV1_1
+from app.decode import HEAVY_DECODE_PIXELS, decode_gray, decoded_pixels
 from app.inference import forward_probs, pick_dtype, prepare, smoke_input
 from app.network import ARCHS, available_cores, build_model
 from app.observability import ACTIVE_MODEL, FAILED_ACTIVATIONS, MODEL_SWAPS
 from app.prediction import ModelNotReadyError, Prediction, PredictionTimeoutError
-from app.preprocess import preprocess
-from app.store import ActivePointer, ModelStore, StoredVersion, VersionNotFoundError
+from app.preprocess import Preprocessed, preprocess_gray
+from app.store import ActivePointer, ModelStore, StorageFullError, StoredVersion, VersionNotFoundError
 from config.settings import Settings
 
 log = logging.getLogger("app.serving")
@@ -102,6 +105,22 @@ def load_candidate(weights: Path, manifest: ManifestV1_1, *, dtype: torch.dtype 
     return LoadedModel(manifest=manifest, net=net)
 
 
+class _GaveUpError(Exception):
+    """The read this work was for has already answered 504: the rest of the work is not done."""
+
+
+def _prepare(data: bytes, invert: bool | None, max_pixels: int, gave_up: threading.Event) -> Preprocessed:
+    """Decode, then preprocess unless the read gave up meanwhile (runs on a preprocess thread)."""
+    gray = decode_gray(data, max_pixels=max_pixels)
+    if gave_up.is_set():
+        raise _GaveUpError()
+    return preprocess_gray(gray, invert=invert)
+
+
+# The promotion gate as the server sees it: (candidate, model in service or None) -> serve the candidate?
+Promote = Callable[[LoadedModel, LoadedModel | None], Awaitable[bool]]
+
+
 @dataclass
 class _Job:
     tensor: torch.Tensor
@@ -132,6 +151,10 @@ class ModelServer:
         self._runtime: _Runtime | None = None
         self._preprocessing = 0
         self._failed_pointer: ActivePointer | None = None
+        # Decodes and preprocessing run on this many threads at once; more reads than
+        # API__READ_QUEUE_MAX waiting or running are refused at once (503 overloaded).
+        self.decode_workers = max(2, available_cores())
+        self.admission = ReadAdmission(self.api.read_queue_max, self.decode_workers)
 
     # --- lifecycle ---
 
@@ -141,8 +164,9 @@ class ModelServer:
             return
         torch.set_num_threads(self.threads)
         await asyncio.to_thread(self.store.prepare)
+        self.admission = ReadAdmission(self.api.read_queue_max, self.decode_workers)  # bound to this loop
         runtime = _Runtime(
-            preprocess_pool=ThreadPoolExecutor(max_workers=max(2, available_cores()), thread_name_prefix="preprocess"),
+            preprocess_pool=ThreadPoolExecutor(max_workers=self.decode_workers, thread_name_prefix="preprocess"),
             infer_pool=ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="infer", initializer=torch.set_num_threads, initargs=(self.threads,)
             ),
@@ -180,26 +204,35 @@ class ModelServer:
 
     async def read_digit(self, data: bytes, *, invert: bool | None = None) -> Prediction:
         """Image bytes -> Prediction. Raises PreprocessError subclasses, ModelNotReadyError,
-        PredictionTimeoutError."""
+        PredictionTimeoutError, ReadOverloadedError (at once, when `API__READ_QUEUE_MAX` reads are in)."""
         runtime = self._runtime
         if runtime is None or self._current is None:
             raise ModelNotReadyError()
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self.api.read_timeout_s):
-                self._preprocessing += 1
-                try:
-                    pre = await loop.run_in_executor(
-                        runtime.preprocess_pool,
-                        functools.partial(preprocess, data, invert=invert, max_pixels=self.api.read_max_pixels),
-                    )
-                finally:
-                    self._preprocessing -= 1
-                future: asyncio.Future[tuple[list[float], LoadedModel]] = loop.create_future()
-                runtime.queue.put_nowait(_Job(pre.tensor, future))
-                probs, model = await future
-        except TimeoutError as exc:
-            raise PredictionTimeoutError(self.api.read_timeout_s) from exc
+        gave_up = threading.Event()
+        with self.admission.admit():
+            try:
+                async with asyncio.timeout(self.api.read_timeout_s):
+                    self._preprocessing += 1
+                    try:
+                        # The header first (cheap, and refuses bombs at once), then the decode in its lane.
+                        pixels = await self.admission.run(
+                            runtime.preprocess_pool,
+                            functools.partial(decoded_pixels, data, max_pixels=self.api.read_max_pixels),
+                        )
+                        pre = await self.admission.run(
+                            runtime.preprocess_pool,
+                            functools.partial(_prepare, data, invert, self.api.read_max_pixels, gave_up),
+                            heavy=pixels > HEAVY_DECODE_PIXELS,
+                        )
+                    finally:
+                        self._preprocessing -= 1
+                    future: asyncio.Future[tuple[list[float], LoadedModel]] = loop.create_future()
+                    runtime.queue.put_nowait(_Job(pre.tensor, future))
+                    probs, model = await future  # a read that gives up here is dropped from its batch
+            except TimeoutError as exc:
+                gave_up.set()  # its thread, if still decoding, does not go on to preprocess
+                raise PredictionTimeoutError(self.api.read_timeout_s) from exc
         digit = max(range(len(probs)), key=probs.__getitem__)
         confidence = probs[digit]
         return Prediction(
@@ -215,13 +248,15 @@ class ModelServer:
     # --- changing the served model ---
 
     async def add_version(
-        self, incoming: Path, manifest: ManifestV1_1, weights_sha256: str, *, activate: bool
+        self, incoming: Path, manifest: ManifestV1_1, weights_sha256: str, *, activate: bool,
+        promote: Promote | None = None,
     ) -> tuple[StoredVersion, bool]:
         """Validate an uploaded model (weights at `incoming/model.pt`), store it, maybe serve it.
 
         The candidate is loaded and smoke-tested before anything is stored; on any refusal
-        `incoming` is removed, nothing is stored and the served model is untouched.
-        Returns the stored version and whether it is now active.
+        `incoming` is removed, nothing is stored and the served model is untouched. With `activate`,
+        `promote` (the promotion gate) decides whether the stored candidate replaces the model in
+        service. Returns the stored version and whether it is now active.
         """
         runtime = self._require_runtime()
         weights = incoming / WEIGHTS_FILE
@@ -232,11 +267,19 @@ class ModelServer:
             await asyncio.to_thread(self.store.discard, incoming)
             raise
         async with runtime.lock:
-            stored, _ = await asyncio.to_thread(self.store.commit, incoming, manifest, weights_sha256)
+            stored, new = await asyncio.to_thread(self.store.commit, incoming, manifest, weights_sha256)
+            if activate and promote is not None:
+                activate = await promote(LoadedModel(manifest=stored.manifest, net=candidate.net), self._current)
             if activate:
-                await asyncio.to_thread(self.store.set_active, stored.model_id, stored.version)
+                try:
+                    await asyncio.to_thread(self.store.set_active, stored.model_id, stored.version)
+                except StorageFullError:
+                    if new:  # undo this upload's commit: a full disk leaves the store as it was
+                        await asyncio.to_thread(self.store.remove, stored.model_id, stored.version)
+                    raise
                 self._install(LoadedModel(manifest=stored.manifest, net=candidate.net))
-            await asyncio.to_thread(self.store.prune, stored.model_id)
+            # Retention never removes the version this request stored.
+            await asyncio.to_thread(self.store.prune, stored.model_id, protect=(stored.version,))
         return stored, activate
 
     async def activate(self, model_id: str, version: str) -> StoredVersion:

@@ -8,23 +8,64 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DISCORD_API_BASE = "https://discord.com/api/v10"
+DEFAULT_DISCORD_ATTACHMENT_ORIGINS = "https://cdn.discordapp.com,https://media.discordapp.net"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_of(url: str) -> str | None:
+    """`scheme://host[:port]` of an http(s) URL, lower-case, the scheme's default port left out; None for
+    anything else (another scheme, no host, user info, a port that is not a number)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), (parts.hostname or "")
+    if scheme not in _DEFAULT_PORTS or not host or parts.username is not None or parts.password is not None:
+        return None
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" if port is None or port == _DEFAULT_PORTS[scheme] else f"{scheme}://{host}:{port}"
 
 
 class RqSettings(BaseModel):
     queue: str = Field(default="digits", min_length=1)
 
 
+class RedisSettings(BaseModel):
+    """Timeouts on every Redis connection (API, worker, work-horse, event publisher, relay), and how long a
+    worker holds a finished job's outcome for a Redis that went away."""
+
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    socket_timeout_s: float = Field(
+        default=5.0, gt=0, description="longest wait for one command's answer; the RQ worker's own connection "
+        "waits at least 20 s, as its blocking dequeue polls every 10 s"
+    )
+    outage_s: float = Field(
+        default=600.0, ge=0, description="how long a work-horse waits for Redis to come back to record a finished "
+        "job (events and state are kept in order meanwhile); also added to the job's heartbeat lease"
+    )
+    buffer_max: int = Field(default=2000, ge=10, description="events and state writes kept while Redis is away; "
+                            "beyond it the oldest progress events are dropped")
+
+
 class ApiSettings(BaseModel):
     """Limits and behaviour of the HTTP service."""
 
     read_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
-    read_max_pixels: int = Field(default=50_000_000, ge=1)
+    read_max_pixels: int = Field(
+        default=9_437_184, ge=1, description="pixels one decode may hold at full size (app.decode): a PNG's, or "
+        "a baseline JPEG's at 1/8 scale; the default is app.decode.DEFAULT_MAX_PIXELS"
+    )
     read_timeout_s: float = Field(default=5.0, gt=0)
+    read_queue_max: int = Field(
+        default=64, ge=1, description="reads admitted at once (waiting or running); one more answers 503 overloaded"
+    )
     uncertain_below: float = Field(default=0.70, ge=0, le=1)
     tta: bool = False
     batch_max: int = Field(default=32, ge=1, le=512)
@@ -34,7 +75,12 @@ class ApiSettings(BaseModel):
                            description="auto: bf16 autocast where the CPU has native bf16, else fp32")
     manifest_max_bytes: int = Field(default=64 * 1024, ge=1024)
     model_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
-    keep_versions: int = Field(default=5, ge=1)
+    keep_versions: int = Field(default=5, ge=1, description="versions kept per model, by the time this server "
+                               "received them; the active one and the last that passed the gate are kept besides")
+    gate_tolerance: float = Field(default=0.2, ge=0, le=100, description="accuracy points a candidate may lose "
+                                  "against the active model on the gate set and still go live")
+    gate_size: int = Field(default=1000, ge=50, le=10_000, description="MNIST test digits in the promotion "
+                           "gate's set (half plain, half photo-like renders)")
     model_poll_s: float = Field(
         default=5.0, ge=0, description="seconds between checks of the active pointer for changes made by another "
         "process sharing DATA_DIR; 0: never"
@@ -62,6 +108,11 @@ class TrainSettings(BaseModel):
     upload_attempts: int = Field(default=6, ge=1)
     upload_backoff_s: float = Field(default=2.0, ge=0)
     upload_timeout_s: float = Field(default=120.0, gt=0)
+    upload_max_backoff_s: float = Field(default=300.0, ge=0, description="longest wait between two upload attempts")
+    estimate_images_per_s: float = Field(
+        default=60.0, gt=0, description="training speed (images x epochs per second) assumed for the enqueue-time "
+        "estimate until a worker has measured its own"
+    )
     keep_artifacts: int = Field(default=3, ge=0, description="uploaded runs whose files stay under "
                                 "DATA_DIR/artifacts; runs whose upload failed are always kept")
 
@@ -89,6 +140,7 @@ class Settings(BaseSettings):
 
     redis_url: str | None = None
     rq: RqSettings = RqSettings()
+    redis: RedisSettings = RedisSettings()
     digits_events_channel: str = Field(default="digits:events", min_length=1)
     data_dir: Path = Path("./data")
 
@@ -101,7 +153,14 @@ class Settings(BaseSettings):
     discord_api_base: str = DEFAULT_DISCORD_API_BASE
     discord_read_public: bool = False
     discord_train_rate_per_hour: int = Field(default=3, ge=0, description="0 disables the limit")
-    discord_timestamp_max_age_s: int = Field(default=0, ge=0, description="0: no freshness check")
+    discord_read_rate_per_minute: int = Field(default=10, ge=0, description="/read per user; 0 disables the limit")
+    discord_timestamp_max_age_s: int = Field(
+        default=300, ge=0, description="refuse interactions signed further than this from now; 0: no check"
+    )
+    discord_attachment_origins: str = Field(
+        default=DEFAULT_DISCORD_ATTACHMENT_ORIGINS,
+        description="comma-separated scheme://host[:port] that /read downloads attachments from (each redirect too)",
+    )
     discord_progress_interval_s: float = Field(
         default=5.0, ge=0.5, description="least seconds between two progress edits of one /train message"
     )
@@ -122,6 +181,21 @@ class Settings(BaseSettings):
             raise ValueError("must be the application's public key: 64 hex characters")
         return value
 
+    @field_validator("discord_attachment_origins")
+    @classmethod
+    def _origins_are_origins(cls, value: str) -> str:
+        origins = []
+        for entry in (e.strip() for e in value.split(",")):
+            origin = origin_of(entry)
+            if origin is None or urlsplit(entry).path not in ("", "/") or urlsplit(entry).query:
+                raise ValueError(f"{entry!r} is not an origin: each entry is scheme://host[:port], http or https")
+            origins.append(origin)
+        return ",".join(origins)
+
+    @property
+    def attachment_origins(self) -> frozenset[str]:
+        return frozenset(self.discord_attachment_origins.split(","))
+
     @field_validator("handwriting_api_url", "discord_api_base")
     @classmethod
     def _strip_trailing_slash(cls, value: str) -> str:
@@ -136,6 +210,10 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+    @property
+    def gate_dir(self) -> Path:
+        return self.data_dir / "gate"
 
     @property
     def artifacts_dir(self) -> Path:

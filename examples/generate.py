@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from worker.data import load_raw
+from app.mnist import load_raw
 
 HERE = Path(__file__).resolve().parent
 # Indices into the MNIST test set: one clear example each of a few digits.

@@ -59,7 +59,7 @@ def served_app() -> Iterator[Callable[..., ServedApp]]:
 def _no_ambient_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests build their settings explicitly; variables from the developer's shell must not leak in."""
     for key in list(os.environ):
-        if key.startswith(("REDIS_URL", "RQ__", "DIGITS_", "HANDWRITING_", "DISCORD_", "DATA_DIR", "TRAIN__", "API__")):
+        if key.startswith(("REDIS", "RQ__", "DIGITS_", "HANDWRITING_", "DISCORD_", "DATA_DIR", "TRAIN__", "API__")):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
 

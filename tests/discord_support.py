@@ -7,7 +7,7 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from config.settings import Settings
+from config.settings import Settings, origin_of
 
 
 class Signer:
@@ -74,6 +74,7 @@ def settings_for(signer: Signer | None, api_base: str, **overrides: Any) -> Sett
         "discord_public_key": signer.public_key if signer else None,
         "discord_application_id": "424242",
         "discord_api_base": api_base,
+        "discord_attachment_origins": origin_of(api_base),  # the fake serves attachments too
         "discord_progress_interval_s": 0.5,
         "log_level": "WARNING",
     }

@@ -94,7 +94,7 @@ class LiveProcess:
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("REDIS_URL", "RQ__", "DIGITS_", "HANDWRITING_", "DISCORD_", "DATA_DIR",
+           if not k.startswith(("REDIS", "RQ__", "DIGITS_", "HANDWRITING_", "DISCORD_", "DATA_DIR",
                                 "TRAIN__", "API__"))}
     env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     env.update(extra)

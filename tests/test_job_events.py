@@ -18,6 +18,7 @@ from tests.train_support import API_KEY, TINY_TRAINING, start_worker
 
 ServeApp = Callable[..., ServedApp]
 PUBLIC_FIELDS = {"job_id", "status", "stage", "model_id", "progress", "val_acc", "test_acc", "version", "activated",
+                 "gate_decision", "gate_candidate_acc", "gate_active_acc", "activation_reason",
                  "error_kind", "enqueued_at", "started_at", "ended_at"}
 PROGRESS_FIELDS = {"epoch", "total_epochs", "batch", "total_batches", "loss", "samples_per_sec", "pct"}
 
@@ -97,6 +98,8 @@ def test_events_start_with_the_state_now_and_end_after_the_final_one(
     final = states[-1]
     assert final["status"] == "finished" and final["stage"] == "completed"
     assert final["activated"] is True and isinstance(final["version"], str)
+    # The first model goes live through the promotion gate with nothing to beat, and the job says so.
+    assert final["gate_decision"] == "passed" and "nothing to beat" in str(final["activation_reason"])
     assert isinstance(final["val_acc"], float) and isinstance(final["test_acc"], float)
     assert all(set(s) == PUBLIC_FIELDS for s in states)  # no user id, request id, paths or notes
     # The user id never appears as a value (a timestamp or version may hold the digits 4242 by chance).

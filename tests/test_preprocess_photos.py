@@ -25,8 +25,8 @@ def similarity(a: np.ndarray, b: np.ndarray) -> float:
 def stroke_width(p: np.ndarray) -> float:
     """2 * area / perimeter of the preview's ink (>= half level): a stroke's width in 28x28 pixels."""
     m = p >= 0.5
-    perimeter = int(np.count_nonzero(m[1:] != m[:-1])) + int(np.count_nonzero(m[:, 1:] != m[:, :-1]))
-    return 2.0 * float(m.sum()) / max(1, perimeter)
+    perimeter = np.count_nonzero(m[1:] != m[:-1]) + np.count_nonzero(m[:, 1:] != m[:, :-1])
+    return 2.0 * float(m.sum()) / max(1, int(perimeter))
 
 
 def test_the_hash_moved_with_the_pipeline() -> None:

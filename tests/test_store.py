@@ -39,13 +39,15 @@ def test_a_committed_version_holds_its_weights_and_manifest(store: ModelStore) -
     assert not any((store.root / ".incoming").iterdir())
 
 
-def test_versions_are_listed_oldest_first_and_uploads_in_progress_are_not_versions(store: ModelStore) -> None:
+def test_versions_are_listed_in_the_order_received_and_uploads_in_progress_are_not_versions(
+    store: ModelStore,
+) -> None:
     put(store, "b", minute=2)
-    put(store, "a", minute=1)
+    put(store, "a", minute=1)  # the uploader's created_at says older: the server received it later
     half = store.new_incoming()
     (half / WEIGHTS_FILE).write_bytes(b"partial")
-    assert [v.version for v in store.versions("m")] == ["a", "b"]
-    assert [v.version for v in store.versions()] == ["a", "b"]
+    assert [v.version for v in store.versions("m")] == ["b", "a"]
+    assert [v.version for v in store.versions()] == ["b", "a"]
 
 
 def test_a_version_is_immutable_but_a_retried_upload_of_it_is_accepted(store: ModelStore) -> None:
@@ -95,6 +97,6 @@ def test_what_a_crash_left_behind_is_cleared_at_start(store: ModelStore) -> None
     put(store, "v1")
     leftover = store.new_incoming()
     (leftover / WEIGHTS_FILE).write_bytes(b"half an upload")
-    ModelStore(store.root).prepare()
-    assert not (store.root / ".incoming").exists()
+    ModelStore(store.root).prepare()  # this process's own leftover: cleared
+    assert not any((store.root / ".incoming").iterdir())
     assert [v.version for v in store.versions()] == ["v1"]

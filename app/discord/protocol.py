@@ -40,7 +40,7 @@ class InteractionHandler:
         self.settings = settings
         self.commands: dict[str, Callable[[Interaction, str], Reply]] = {
             "train": TrainCommand(settings, redis_client),
-            "read": ReadCommand(settings, client, reader),
+            "read": ReadCommand(settings, client, reader, redis_client),
         }
 
     def handle(self, body: bytes, signature: str | None, timestamp: str | None, request_id: str) -> Reply:

@@ -1,9 +1,17 @@
-"""`/read image:<file>`: defer at once, then download, check and read the image, and edit the reply."""
+"""`/read image:<file>`: within the user's allowance per minute, defer at once, then download (only from
+`DISCORD_ATTACHMENT_ORIGINS`), check and read the image, and edit the reply.
+
+The allowance is kept in Redis (app.discord.state); reads do not depend on Redis, so while it is
+away or not configured the limit is not applied. It may block on Redis for a few milliseconds; the
+web adapter runs the handler in a worker thread.
+"""
 
 from __future__ import annotations
 
 import logging
 from typing import Final
+
+import redis
 
 from app.discord.client import DiscordClient, DownloadError
 from app.discord.interaction import (
@@ -15,7 +23,15 @@ from app.discord.interaction import (
     Reply,
     say,
 )
-from app.prediction import DigitReader, ModelNotReadyError, Prediction, PredictionTimeoutError
+from app.discord.state import ReadRateLimit
+from app.discord.train import format_wait
+from app.prediction import (
+    DigitReader,
+    ModelNotReadyError,
+    Prediction,
+    PredictionTimeoutError,
+    ReadOverloadedError,
+)
 from app.preprocess import PreprocessError, sniff_image_type
 from config.settings import Settings
 
@@ -42,10 +58,13 @@ def format_prediction(pred: Prediction) -> str:
 
 
 class ReadCommand:
-    def __init__(self, settings: Settings, client: DiscordClient, reader: DigitReader) -> None:
+    def __init__(
+        self, settings: Settings, client: DiscordClient, reader: DigitReader, redis_client: redis.Redis | None = None
+    ) -> None:
         self.settings = settings
         self.client = client
         self.reader = reader
+        self.rate = ReadRateLimit(redis_client) if redis_client is not None else None
 
     def __call__(self, interaction: Interaction, request_id: str) -> Reply:
         if not self.settings.discord_application_id:
@@ -54,6 +73,10 @@ class ReadCommand:
         attachment = interaction.command.attachment("image")
         if token is None or attachment is None:
             return say("Attach a PNG or JPEG image of one handwritten digit: /read image:<file>.")
+        wait_s = self._wait_s(interaction, request_id)
+        if wait_s > 0:
+            limit = self.settings.discord_read_rate_per_minute
+            return say(f"You can read {limit} images per minute. Try again in {format_wait(wait_s)}.")
         deferred: JsonObject = {"type": DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE}
         if not self.settings.discord_read_public:
             deferred["data"] = {"flags": EPHEMERAL}
@@ -65,6 +88,18 @@ class ReadCommand:
 
         return Reply(200, deferred, background=follow_up)
 
+    def _wait_s(self, interaction: Interaction, request_id: str) -> float:
+        """0 when this /read is within the user's allowance (or no limit applies), else seconds to wait."""
+        limit = self.settings.discord_read_rate_per_minute
+        user_id = interaction.user_id
+        if self.rate is None or limit == 0 or user_id is None:
+            return 0.0
+        try:
+            return self.rate.wait_s(user_id, interaction.id or request_id, limit)
+        except redis.RedisError as exc:
+            log.warning("redis unavailable for the /read rate limit, not applied: %s", exc)
+            return 0.0
+
     async def read_attachment(self, attachment: Attachment, request_id: str) -> str:
         """Download, check and read one attachment; always returns the text to show the user."""
         cap = self.settings.api.read_max_bytes
@@ -73,11 +108,15 @@ class ReadCommand:
             return too_large
         try:
             data = await self.client.download(
-                attachment.url, max_bytes=cap, timeout_s=self.settings.discord_download_timeout_s
+                attachment.url, max_bytes=cap, timeout_s=self.settings.discord_download_timeout_s,
+                origins=self.settings.attachment_origins,
             )
         except DownloadError as exc:
             if exc.kind == "too_large":
                 return too_large
+            if exc.kind == "forbidden":
+                log.warning("attachment refused: %s", exc.message)
+                return "I only download attachments from Discord's own CDN, and this one isn't there."
             log.info("attachment download failed: %s", exc.message)
             return f"I couldn't download that attachment ({exc.message}). Please try again."
         if sniff_image_type(data) is None:
@@ -88,7 +127,7 @@ class ReadCommand:
             return f"I couldn't read a digit in that image: {exc.message}"
         except ModelNotReadyError:
             return MSG_NO_MODEL
-        except PredictionTimeoutError:
+        except (PredictionTimeoutError, ReadOverloadedError):
             return "I'm too busy to read that right now. Please try again in a moment."
         except Exception:
             log.exception("reading a Discord attachment failed")

@@ -5,6 +5,10 @@ a Redis outage. For each job one replica is the relay: the first to claim `disco
 (a short lease, renewed by every event it sees), so each message is relayed once and a job's edits
 come from one place, in order. Within that replica the newest event wins: progress is shown at most
 once per `DISCORD_PROGRESS_INTERVAL_S`, and a final result is never overwritten by older progress.
+
+Pub/sub is at-most-once: what is published while the subscription is down is gone. So after each
+resubscribe the relay reads every job it tracks from the job's own record (`job.meta`'s last event, which
+the worker writes once Redis is back) and shows that: a result that fell in the gap still ends the message.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import contextlib
 import logging
 import time
 import uuid
+from datetime import datetime
 from typing import Final
 
+import redis
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
@@ -23,6 +29,9 @@ from redis.exceptions import RedisError
 from app.contracts import TrainCompletedV1, TrainFailedV1, TrainProgressV1, TrainStartedV1, parse_event
 from app.discord.client import Delivery, DiscordClient
 from app.discord.state import TrainRecord, claim_relay, train_record_key
+from app.queue import read_last_event
+from app.redis_client import connect_async
+from config.settings import RedisSettings
 
 TrainEvent = TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1  # what the relay shows
 
@@ -62,11 +71,7 @@ def render(event: TrainEvent) -> str:
             f"{event.samples_per_sec:,.0f} images/s\n{_ids(event)}"
         )
     if isinstance(event, TrainCompletedV1):
-        active = (
-            "It is now the active model."
-            if event.activated
-            else "It was not activated; the model in service is unchanged."
-        )
+        active = activation_sentence(event)
         return (
             f"Training `{event.model_id}` finished.\n"
             f"Validation accuracy {event.val_acc:.2%} · test accuracy {event.test_acc:.2%}\n"
@@ -75,6 +80,21 @@ def render(event: TrainEvent) -> str:
     reason = event.message.strip().splitlines()[0][:300] if event.message.strip() else "no reason given"
     who = "the request was refused" if event.error_kind == "user" else "something went wrong on our side"
     return f"Training `{event.model_id}` failed ({who}): {reason}\n{_ids(event)}"
+
+
+def activation_sentence(event: TrainCompletedV1) -> str:
+    """Whether the model went live, and why, with both accuracies on the API's gate set when measured."""
+    cand, was = event.gate_candidate_acc, event.gate_active_acc
+    figures = f" (gate set: {cand:.2%} vs {was:.2%} for the model in service)" if cand is not None and \
+        was is not None else ""
+    if event.activated:
+        forced = " (activated with force, without the gate)" if event.gate_decision == "forced" else ""
+        return f"It is now the active model{figures}{forced}."
+    if event.gate_decision == "refused":
+        return (f"It was not activated: the promotion gate found it worse than the model in service{figures}. "
+                "The model in service is unchanged; the new version is stored and an admin can activate it.")
+    reason = f": {event.activation_reason}" if event.activation_reason else ""
+    return f"It was not activated{reason}; the model in service is unchanged."
 
 
 def is_final(event: TrainEvent) -> bool:
@@ -88,6 +108,9 @@ class _JobRelay:
         self.owner = owner
         self.record = record
         self.latest: TrainEvent | None = None
+        self.job_id: str | None = None  # known from the first event; what a catch-up reads
+        self.newest_ts: datetime | None = None  # an event older than the newest offered (a catch-up racing a
+        # live event) is late: dropped
         self.finished = False
         self.token_gone = False
         self.last_edit = 0.0
@@ -95,8 +118,9 @@ class _JobRelay:
         self.task = asyncio.create_task(self.run(), name=f"discord-relay-{record.request_id}")
 
     def offer(self, event: TrainEvent) -> None:
-        if self.finished:
+        if self.finished or (self.newest_ts is not None and event.ts < self.newest_ts):
             return
+        self.job_id, self.newest_ts = event.job_id, event.ts
         if self.latest is not None and is_final(self.latest) and not is_final(event):
             return  # a final result waiting to be shown is never displaced by older progress
         self.latest = event
@@ -158,6 +182,16 @@ class _JobRelay:
                      extra={"request_id": event.request_id, "job_id": event.job_id})
 
 
+def _relayed(raw: bytes | str) -> TrainEvent | None:
+    """The event if it is one the /train message shows; the per-batch/epoch/artifact events are for others."""
+    try:
+        event = parse_event(raw)
+    except (ValidationError, ValueError):
+        log.debug("ignoring a message that is not a training event")
+        return None
+    return event if isinstance(event, TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1) else None
+
+
 class ProgressRelay:
     def __init__(
         self,
@@ -166,8 +200,12 @@ class ProgressRelay:
         client: DiscordClient,
         *,
         interval_s: float = 5.0,
+        jobs: redis.Redis | None = None,
+        redis_settings: RedisSettings | None = None,
     ) -> None:
         self.redis_url = redis_url
+        self.jobs = jobs  # a sync client to read a job's record after a gap (RQ's Job is sync)
+        self.redis_settings = redis_settings or RedisSettings()
         self.channel = channel
         self.client = client
         self.interval_s = interval_s
@@ -200,15 +238,14 @@ class ProgressRelay:
     async def _run(self) -> None:
         backoff = 0.5
         while True:
-            client = aioredis.Redis.from_url(
-                self.redis_url, socket_connect_timeout=2.0, health_check_interval=15
-            )
+            client = connect_async(self.redis_url, self.redis_settings)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 self._redis = client
-                self.subscribed.set()
                 log.info("relaying training events from %s", self.channel)
+                await self.catch_up(client)
+                self.subscribed.set()
                 backoff = 0.5
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -227,16 +264,25 @@ class ProgressRelay:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 
-    async def on_message(self, raw: bytes) -> None:
-        try:
-            event = parse_event(raw)
-        except (ValidationError, ValueError):
-            log.debug("ignoring a message that is not a training event")
+    async def catch_up(self, client: aioredis.Redis) -> None:
+        """Offer each tracked job's recorded last event: what the subscription may have missed."""
+        if self.jobs is None:
             return
-        if not isinstance(event, TrainStartedV1 | TrainProgressV1 | TrainCompletedV1 | TrainFailedV1):
-            return  # the per-batch/epoch/artifact events are for other consumers; the /train message shows progress
+        for job in [j for j in self._jobs.values() if not j.finished and j.job_id is not None]:
+            assert job.job_id is not None
+            try:
+                raw = await asyncio.to_thread(read_last_event, self.jobs, job.job_id)
+            except RedisError as exc:
+                log.warning("could not read job %s after a gap: %s", job.job_id, exc)
+                continue
+            event = _relayed(raw) if raw is not None else None
+            if event is not None and await claim_relay(client, event.request_id, self.replica_id):
+                job.offer(event)
+
+    async def on_message(self, raw: bytes) -> None:
+        event = _relayed(raw)
         client = self._redis
-        if client is None:
+        if event is None or client is None:
             return
         stored = await client.get(train_record_key(event.request_id))
         record = TrainRecord.from_json(stored if isinstance(stored, bytes) else None)

@@ -24,6 +24,8 @@ class DiscordRuntime:
                 settings.digits_events_channel,
                 self.client,
                 interval_s=settings.discord_progress_interval_s,
+                jobs=redis_client,
+                redis_settings=settings.redis,
             )
 
     async def start(self) -> None:

@@ -1,5 +1,5 @@
 """What the Discord side keeps in Redis, shared by every API replica: key names, records, and the Lua
-scripts that change them atomically (admitting a /train, claiming a job's relay).
+scripts that change them atomically (admitting a /train, a /read's rate limit, claiming a job's relay).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ TRAIN_RECORD_TTL_S: Final = 2 * 24 * 3600
 # A replayed interaction id within this window is answered from memory, not enqueued again.
 INTERACTION_DEDUPE_TTL_S: Final = 3600
 TRAIN_RATE_WINDOW_S: Final = 3600
+READ_RATE_WINDOW_S: Final = 60
 # How long one replica relays a job's events before another may take over (renewed by every event).
 OWNER_LEASE_S: Final = 60
 
@@ -42,6 +43,10 @@ def interaction_key(interaction_id: str) -> str:
 
 def train_rate_key(user_id: int) -> str:
     return f"{_PREFIX}ratelimit:train:{user_id}"
+
+
+def read_rate_key(user_id: int) -> str:
+    return f"{_PREFIX}ratelimit:read:{user_id}"
 
 
 def relay_owner_key(request_id: str) -> str:
@@ -76,31 +81,64 @@ class TrainRecord:
 _RECORD: Final = TypeAdapter(TrainRecord)
 
 
-# Admission of a /train, atomic and shared by every replica (clocks agree: Redis's TIME decides):
+# A per-user sliding window (a sorted set of admission times, Redis's TIME deciding, so every replica
+# agrees): `in_window(key, window_ms, limit, member)` admits `member` and returns 0, or returns the
+# milliseconds until the oldest admission leaves the window.
+_WINDOW_LUA: Final = """
+redis.replicate_commands()
+local function in_window(key, window, limit, member)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  if redis.call('ZCARD', key) >= limit then
+    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    return math.max(1, tonumber(oldest[2]) + window - now)
+  end
+  redis.call('ZADD', key, now, member)
+  redis.call('PEXPIRE', key, window)
+  return 0
+end
+"""
+
+# Admission of a /train, atomic and shared by every replica:
 # 1. claim the interaction id (a replay gets {0, what we answered the first time});
 # 2. the per-user sliding window, when a limit is set ({1, ms until a slot frees});
 # 3. store the record the progress relay needs, before the job exists ({2, 0}).
-_ADMIT_LUA: Final = """
-redis.replicate_commands()
+_ADMIT_LUA: Final = _WINDOW_LUA + """
 if not redis.call('SET', KEYS[1], 'pending', 'NX', 'EX', ARGV[1]) then
   return {0, redis.call('GET', KEYS[1])}
 end
 local limit = tonumber(ARGV[3])
 if limit > 0 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local window = tonumber(ARGV[2])
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
-  if redis.call('ZCARD', KEYS[2]) >= limit then
-    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-    return {1, math.max(1, tonumber(oldest[2]) + window - now)}
+  local wait = in_window(KEYS[2], tonumber(ARGV[2]), limit, ARGV[4])
+  if wait > 0 then
+    return {1, wait}
   end
-  redis.call('ZADD', KEYS[2], now, ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], window)
 end
 redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6])
 return {2, 0}
 """
+
+# A /read, within the user's allowance per minute: 0, or the milliseconds until a slot frees.
+_READ_RATE_LUA: Final = _WINDOW_LUA + """
+return in_window(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3])
+"""
+
+
+class ReadRateLimit:
+    """How many /read each user may send per minute, shared by every API replica."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._admit = client.register_script(_READ_RATE_LUA)
+
+    def wait_s(self, user_id: int, interaction_id: str, limit_per_minute: int) -> float:
+        """0 when this /read is admitted (and counted), else the seconds until the user may read again."""
+        answer = self._admit(
+            keys=[read_rate_key(user_id)], args=[READ_RATE_WINDOW_S * 1000, limit_per_minute, interaction_id]
+        )
+        if not isinstance(answer, int):
+            raise redis.ResponseError(f"read rate script answered {answer!r}")
+        return answer / 1000
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from app.contracts import DigitsTrainJobV1
 from app.discord.interaction import Interaction, JsonObject, Reply, message, say
 from app.discord.registration import TRAIN_EPOCHS_MAX, TRAIN_EPOCHS_MIN
 from app.discord.state import TrainAdmissions, TrainRecord
+from app.estimate import JobTooLongError
 from app.queue import TrainingUnavailableError, enqueue_train
 from config.settings import Settings
 
@@ -95,7 +96,10 @@ class TrainCommand:
             request_id=record.request_id, user_id=record.user_id, epochs=options.epochs, augment=options.augment
         )
         try:
-            job_id = enqueue_train(admissions.client, self.settings.rq.queue, job)
+            job_id = enqueue_train(admissions.client, self.settings.rq.queue, job, train=self.settings.train)
+        except JobTooLongError as exc:
+            admissions.undo(interaction_id, record)  # refused: it does not count against the user's allowance
+            return message(f"Training not started: {exc}")
         except (TrainingUnavailableError, redis.RedisError) as exc:
             log.warning("training not enqueued: %s", exc)
             admissions.undo(interaction_id, record)

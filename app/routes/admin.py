@@ -1,5 +1,10 @@
 """Admin endpoints (X-Api-Key): upload a model, list stored versions, activate one (rollback).
 
+An upload with `activate=true` goes live only through the promotion gate (app/gate.py): a candidate
+worse than the active model on the gate set is stored inactive and the answer is 200 with
+`activated: false` and the gate's figures and reason; `force=true` skips the gate. Activating a
+stored version by hand (a rollback) is the admin's own decision and is not gated.
+
 Refusals answer 4xx with a stable `code`, and leave the store and the served model untouched:
 
 | code                       | status | when                                                          |
@@ -19,6 +24,7 @@ Refusals answer 4xx with a stable `code`, and leave the store and the served mod
 | smoke_test_failed          | 400    | a prediction with the candidate failed                        |
 | version_exists             | 409    | the version is already stored with other weights              |
 | not_found                  | 404    | (activate) no such stored version                             |
+| insufficient_storage       | 507    | the disk is full: nothing was stored, the store is unchanged  |
 """
 
 from __future__ import annotations
@@ -27,20 +33,36 @@ import asyncio
 import hashlib
 import json
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Annotated, Final
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 from pydantic import BaseModel, ValidationError
 
-from app.auth import ApiKeyDep, require_api_key
+from app.auth import ApiKeyDep, key_before_body
 from app.body_limit import body_limit_route
-from app.contracts import MANIFEST_SCHEMA_VERSION, MODEL_ID_PATTERN, WEIGHTS_FILE, ManifestV1_1, describe_errors
-from app.deps import ModelsDep, SettingsDep, get_settings_dep
+from app.contracts import (
+    MANIFEST_SCHEMA_VERSION,
+    MODEL_ID_PATTERN,
+    WEIGHTS_FILE,
+    GateReport,
+    ManifestV1_1,
+    describe_errors,
+)
+from app.deps import GateDep, ModelsDep, SettingsDep
 from app.errors import ApiError
 from app.preprocess import PREPROCESS_HASH
-from app.serving import CandidateError
-from app.store import VersionExistsError, VersionNotFoundError, is_safe_model_id
+from app.serving import CandidateError, LoadedModel
+from app.store import (
+    GateVerdict,
+    StorageFullError,
+    StoredVersion,
+    VersionExistsError,
+    VersionNotFoundError,
+    is_safe_model_id,
+    storage_errors,
+)
 from config.settings import ApiSettings, Settings
 
 router = APIRouter(tags=["admin"])
@@ -54,6 +76,7 @@ class UploadResponse(BaseModel):
     version: str
     sha256: str
     activated: bool
+    gate: GateReport | None = None  # what the promotion gate decided (only when activation was asked for)
 
 
 class ActivateResponse(BaseModel):
@@ -66,6 +89,9 @@ class StoredVersionOut(BaseModel):
     model_id: str
     version: str
     active: bool
+    received_at: datetime  # when this server stored it (retention's order), not the manifest's created_at
+    activated_at: datetime | None  # when it last went live
+    gate: GateVerdict | None  # the promotion gate's verdict: passed | refused | forced
     manifest: dict[str, object]
 
 
@@ -100,12 +126,6 @@ def parse_manifest(raw: bytes) -> ManifestV1_1:
 
 def _upload_cap(settings: Settings) -> int:
     return settings.api.manifest_max_bytes + settings.api.model_max_bytes + _MULTIPART_OVERHEAD
-
-
-def _key_before_body(request: Request) -> None:
-    """FastAPI reads the body before it runs dependencies: without this, anyone could make the API
-    receive a full upload before the 401."""
-    require_api_key(get_settings_dep(request), request.headers.get("X-Api-Key"))
 
 
 def check_sizes(api: ApiSettings, manifest: UploadFile, model: UploadFile) -> None:
@@ -144,7 +164,7 @@ def write_weights(source: IO[bytes], dest: Path) -> str:
     """Copy the spooled upload to `dest` (fsynced), returning its sha256. Runs off the event loop."""
     digest = hashlib.sha256()
     source.seek(0)
-    with dest.open("wb") as out:
+    with storage_errors("the model's weights"), dest.open("wb") as out:
         while chunk := source.read(_COPY_CHUNK):
             digest.update(chunk)
             out.write(chunk)
@@ -157,18 +177,30 @@ async def upload_model(
     manifest: Annotated[UploadFile, File(description="manifest.json (v1.1)")],
     model: Annotated[UploadFile, File(description="the weights: a state dict (torch.save)")],
     models: ModelsDep,
+    gate: GateDep,
     settings: SettingsDep,
     _: ApiKeyDep,
     # Not required in the schema: FastAPI reads an empty form field as absent, and "" must be invalid_model_id.
     model_id: Annotated[str, Form(description=f"matches {MODEL_ID_PATTERN}")] = "",
-    activate: Annotated[bool, Form(description="serve it at once")] = True,
+    activate: Annotated[bool, Form(description="serve it, if it passes the promotion gate")] = True,
+    force: Annotated[bool, Form(description="with activate: serve it without the promotion gate")] = False,
 ) -> UploadResponse:
     check_sizes(settings.api, manifest, model)
     doc = validate_manifest(model_id, await manifest.read())
     if not model.size:
         raise _refuse("invalid_weights", "the model file is empty")
     store = models.store
-    incoming = await asyncio.to_thread(store.new_incoming)
+    report: GateReport | None = None
+
+    async def promote(candidate: LoadedModel, active: LoadedModel | None) -> bool:
+        nonlocal report
+        report = await gate.decide(candidate, active, force=force)
+        return report.activated
+
+    try:
+        incoming = await asyncio.to_thread(store.new_incoming)
+    except StorageFullError as exc:
+        raise _refuse("insufficient_storage", str(exc), 507) from exc
     try:
         sha256 = await asyncio.to_thread(write_weights, model.file, incoming / WEIGHTS_FILE)
         if doc.weights_sha256 is not None and doc.weights_sha256 != sha256:
@@ -176,15 +208,20 @@ async def upload_model(
                 "checksum_mismatch",
                 f"the manifest says the weights' sha256 is {doc.weights_sha256}, the file's is {sha256}",
             )
-        stored, activated = await models.add_version(incoming, doc, sha256, activate=activate)
+        stored, activated = await models.add_version(incoming, doc, sha256, activate=activate, promote=promote)
     except CandidateError as exc:
         raise _refuse(exc.code, exc.message) from exc
     except VersionExistsError as exc:
         raise _refuse("version_exists", str(exc), 409) from exc
+    except StorageFullError as exc:
+        raise _refuse("insufficient_storage", f"{exc}; nothing was stored", 507) from exc
     finally:
         # Gone already when stored (renamed into place) or refused inside add_version.
         await asyncio.to_thread(store.discard, incoming)
-    return UploadResponse(model_id=stored.model_id, version=stored.version, sha256=sha256, activated=activated)
+    if report is not None:
+        await asyncio.to_thread(store.record_gate, stored.model_id, stored.version, report.decision)
+    return UploadResponse(model_id=stored.model_id, version=stored.version, sha256=sha256, activated=activated,
+                          gate=report)
 
 
 router.add_api_route(
@@ -192,23 +229,26 @@ router.add_api_route(
     upload_model,
     methods=["POST"],
     response_model=UploadResponse,
-    route_class_override=body_limit_route(_upload_cap, multipart=True, before_body=_key_before_body),
+    route_class_override=body_limit_route(_upload_cap, multipart=True, before_body=key_before_body),
 )
+
+
+def version_out(stored: StoredVersion, active: bool) -> StoredVersionOut:
+    record = stored.record
+    return StoredVersionOut(model_id=stored.model_id, version=stored.version, active=active,
+                            received_at=record.received_at, activated_at=record.activated_at, gate=record.gate,
+                            manifest=stored.manifest.model_dump(mode="json"))
 
 
 @router.get("/v1/admin/models", response_model=ModelsListing)
 async def list_models(models: ModelsDep, _: ApiKeyDep) -> ModelsListing:
+    """Stored versions, the one received last first."""
     store = models.store
     versions = await asyncio.to_thread(store.versions)
     active = await asyncio.to_thread(store.active)
     listed = [
-        StoredVersionOut(
-            model_id=v.model_id,
-            version=v.version,
-            active=active is not None and (active.model_id, active.version) == (v.model_id, v.version),
-            manifest=v.manifest.model_dump(mode="json"),
-        )
-        for v in sorted(versions, key=lambda v: (v.manifest.created_at, v.version), reverse=True)
+        version_out(v, active is not None and (active.model_id, active.version) == (v.model_id, v.version))
+        for v in sorted(versions, key=lambda v: (v.record.received_at, v.version), reverse=True)
     ]
     return ModelsListing(
         active={"model_id": active.model_id, "version": active.version} if active is not None else None,
@@ -222,6 +262,8 @@ async def activate_version(model_id: str, version: str, models: ModelsDep, _: Ap
         stored = await models.activate(model_id, version)
     except VersionNotFoundError as exc:
         raise _refuse("not_found", str(exc), 404) from exc
+    except StorageFullError as exc:
+        raise _refuse("insufficient_storage", f"{exc}; the active version is unchanged", 507) from exc
     except CandidateError as exc:
         raise _refuse(exc.code, f"version {version} of {model_id} cannot be served: {exc.message}", 409) from exc
     return ActivateResponse(model_id=stored.model_id, version=stored.version, activated=True)

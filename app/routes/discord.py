@@ -6,22 +6,18 @@ the two signature headers go to the protocol, which verifies, routes and builds 
 
 from __future__ import annotations
 
-from typing import Final
-
 import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.background import BackgroundTask
 
-from app.body_limit import body_limit_route
+from app.body_limit import JSON_MAX_BYTES, body_limit_route
 from app.deps import DiscordDep
 from app.discord.verify import SIGNATURE_HEADER, TIMESTAMP_HEADER
 from app.observability import current_request_id, new_request_id
 
-# Interactions are small JSON documents; anything far larger is not from Discord.
-MAX_BODY_BYTES: Final = 1024 * 1024
-
-router = APIRouter(tags=["discord"], route_class=body_limit_route(MAX_BODY_BYTES))
+# Interactions are small JSON documents (a few KiB); anything far larger is not from Discord.
+router = APIRouter(tags=["discord"], route_class=body_limit_route(JSON_MAX_BYTES))
 
 
 @router.post("/discord/interactions", summary="Discord HTTP interactions endpoint (signed by Discord)")

@@ -1,7 +1,9 @@
 """POST /v1/read: one image in a multipart part named `file` -> the digit it shows.
 
-The body is capped on the raw stream (413 `too_large`, see app.body_limit), the image type comes
-from its bytes, and preprocessing and the forward pass run off the event loop.
+A read is refused 503 `overloaded` (with Retry-After) before its body is read when as many reads as
+the service admits are in (app.admission); the body is capped on the raw stream (413 `too_large`,
+see app.body_limit); the image type comes from its bytes, its size from its header (app.decode);
+decoding, preprocessing and the forward pass run off the event loop.
 """
 
 from __future__ import annotations
@@ -12,15 +14,15 @@ import time
 from typing import Annotated, Final
 
 import numpy as np
-from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import APIRouter, File, Query, Request, UploadFile
 from PIL import Image
 from pydantic import BaseModel, BeforeValidator, Field
 
 from app.body_limit import body_limit_route
-from app.deps import ModelsDep, RedisDep, SettingsDep
-from app.errors import ApiError, not_ready
+from app.deps import ModelsDep, RedisDep, SettingsDep, get_models
+from app.errors import ApiError, documented_errors, not_ready
 from app.observability import READ_LATENCY
-from app.prediction import ModelNotReadyError, PredictionTimeoutError
+from app.prediction import ModelNotReadyError, PredictionTimeoutError, ReadOverloadedError
 from app.preprocess import U8, PreprocessError
 from config.settings import Settings
 
@@ -33,7 +35,21 @@ def _body_cap(settings: Settings) -> int:
     return settings.api.read_max_bytes + _MULTIPART_OVERHEAD
 
 
-router = APIRouter(tags=["read"], route_class=body_limit_route(_body_cap, multipart=True))
+def overloaded(exc: ReadOverloadedError) -> ApiError:
+    return ApiError(503, "overloaded", exc.message, headers={"Retry-After": str(exc.retry_after_s)})
+
+
+def _refuse_when_full(request: Request) -> None:
+    """Before the body is read: a full read queue answers at once, without receiving the image."""
+    try:
+        get_models(request).admission.check()
+    except ReadOverloadedError as exc:
+        raise overloaded(exc) from exc
+
+
+router = APIRouter(
+    tags=["read"], route_class=body_limit_route(_body_cap, multipart=True, before_body=_refuse_when_full)
+)
 
 
 def _auto_is_none(value: object) -> object:
@@ -62,7 +78,18 @@ def visual_png(preview: U8, scale: int = VISUAL_SCALE) -> bytes:
     return out.getvalue()
 
 
-@router.post("/v1/read", response_model=ReadResponse, response_model_exclude_none=True)
+_ERRORS: Final = documented_errors({
+    400: "`invalid_image`, `bad_dimensions` (too small, too elongated, or more pixels to decode than "
+         "API__READ_MAX_PIXELS), `preprocessing_failed`, `malformed_multipart`",
+    413: "`too_large`: the body is over API__READ_MAX_BYTES (refused from Content-Length, or at the first byte over)",
+    415: "`unsupported_media_type`: not PNG or JPEG",
+    503: "`overloaded` (with Retry-After: API__READ_QUEUE_MAX reads are in, refused before the body is read), "
+         "or `service_not_ready` (no model yet)",
+    504: "`timeout`: the read took longer than API__READ_TIMEOUT_S; its work is not carried on",
+})
+
+
+@router.post("/v1/read", response_model=ReadResponse, response_model_exclude_none=True, responses=_ERRORS)
 async def read_digit(
     file: Annotated[UploadFile, File(description="the image, PNG or JPEG (the type comes from its bytes)")],
     models: ModelsDep,
@@ -90,6 +117,8 @@ async def read_digit(
         raise await not_ready(connection, app_settings.rq.queue) from None
     except PredictionTimeoutError as exc:
         raise ApiError(504, "timeout", exc.message) from exc
+    except ReadOverloadedError as exc:
+        raise overloaded(exc) from exc
 
     visual = base64.b64encode(visual_png(prediction.preview)).decode("ascii") if visualize else None
     elapsed = time.perf_counter() - started

@@ -233,7 +233,9 @@ async function loadModel() {
     const active = await api("/v1/models/active");
     if (!active.model_loaded) {
       $("status").textContent = "No model is loaded yet.";
-      for (const id of ["model-id", "model-version", "model-val", "model-test", "model-created"]) $(id).textContent = "–";
+      for (const id of ["model-id", "model-version", "model-val", "model-test", "model-created", "model-live"]) {
+        $(id).textContent = "–";
+      }
       $("model-id").textContent = "none loaded yet";
     } else {
       $("status").textContent = `Serving ${active.model_id} ${active.version}.`;
@@ -242,6 +244,7 @@ async function loadModel() {
       $("model-val").textContent = accuracy(active.val_acc);
       $("model-test").textContent = accuracy(active.test_acc);
       $("model-created").textContent = when(active.created_at);
+      $("model-live").textContent = active.activated_at ? `live since ${when(active.activated_at)}` : "–";
     }
   } catch (err) {
     $("status").textContent = err.sentence;
@@ -279,8 +282,9 @@ function versionRow(v) {
   model.textContent = v.model_id;
   name.append(v.version, model);
   tr.append(name);
+  const gate = { passed: "passed", refused: "refused", forced: "forced" }[v.gate] || "–";
   for (const text of [when(v.manifest.created_at),
-    `${accuracy(v.manifest.val_acc)} / ${accuracy(v.manifest.test_acc)}`]) {
+    `${accuracy(v.manifest.val_acc)} / ${accuracy(v.manifest.test_acc)}`, gate]) {
     const td = document.createElement("td");
     td.textContent = text;
     tr.append(td);
@@ -430,8 +434,14 @@ function duration(seconds) {
 function trainingEnded(state) {
   $("job-eta").textContent = "done";
   const result = $("job-result");
+  const gate = typeof state.gate_candidate_acc === "number" && typeof state.gate_active_acc === "number"
+    ? ` (gate set: ${accuracy(state.gate_candidate_acc)} against ${accuracy(state.gate_active_acc)} for the model`
+      + " in service)" : "";
   const live = state.activated
-    ? "it is now the active model" : "it was stored but did not go live";
+    ? `it is now the active model${gate}`
+    : state.gate_decision === "refused"
+      ? `it did not go live: the promotion gate found it worse than the model in service${gate}`
+      : "it was stored but did not go live";
   result.textContent = `Finished: version ${state.version}, validation accuracy ${accuracy(state.val_acc)}, `
     + `test accuracy ${accuracy(state.test_acc)}; ${live}.`;
   result.className = state.activated ? "good" : "";

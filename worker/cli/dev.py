@@ -27,7 +27,7 @@ from app.contracts import (
 )
 from app.queue import enqueue_train
 from app.store import ModelStore
-from config.settings import Settings, get_settings
+from config.settings import Settings, TrainSettings, get_settings
 from worker.cli.redis_embedded import EmbeddedRedis
 from worker.cli.train import ProgressBar
 
@@ -78,7 +78,7 @@ def run_dev(args: argparse.Namespace) -> int:
         print(f"digits dev: API on {api_url}, worker on queue {settings.rq.queue!r} (Ctrl-C stops everything)",
               flush=True)
         if first_model:
-            job_id = enqueue_first_model(redis_url, settings.rq.queue)
+            job_id = enqueue_first_model(redis_url, settings.rq.queue, settings.train)
             size = f"the first {args.first_model_limit} images" if limited else "TRAIN__LIMIT images or all"
             print(f"digits dev: no model yet; training the first one on {size} (job {job_id}). "
                   f"Until it is ready /v1/read answers 503 with its progress.", flush=True)
@@ -116,14 +116,14 @@ def start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env)
 
 
-def enqueue_first_model(redis_url: str, queue_name: str) -> str:
+def enqueue_first_model(redis_url: str, queue_name: str, train: TrainSettings) -> str:
     """Queue the first model's training. Small batches: a bootstrap run on a few thousand images still gets
     enough optimiser steps to read digits."""
     job = DigitsTrainJobV1(request_id=f"dev-{uuid.uuid4().hex[:12]}", user_id=0, batch_size=FIRST_MODEL_BATCH,
                            notes="first model, digits dev")
     connection = redis.Redis.from_url(redis_url)
     try:
-        return enqueue_train(connection, queue_name, job)
+        return enqueue_train(connection, queue_name, job, train=train)
     finally:
         connection.close()
 

@@ -37,10 +37,15 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    """Starts redis-server on a free loopback port; `stop()` (or leaving the `with`) ends it."""
+    """Starts redis-server on a free loopback port; `stop()` (or leaving the `with`) ends it.
 
-    def __init__(self, port: int | None = None, startup_timeout_s: float = 10.0) -> None:
+    `persistent=True` writes every change to an append-only file, so that `halt()` then `start()` is a
+    restart that keeps the data, as a production Redis with persistence does (the fault tests use it).
+    """
+
+    def __init__(self, port: int | None = None, startup_timeout_s: float = 10.0, *, persistent: bool = False) -> None:
         self.port = port or free_port()
+        self.persistent = persistent
         self._startup_timeout_s = startup_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
@@ -50,13 +55,15 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> EmbeddedRedis:
-        self._dir = tempfile.mkdtemp(prefix="digits-redis-")
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="digits-redis-")
         args = [
             str(redis_server_binary()),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.persistent else "no",
+            "--appendfsync", "always",
             "--dir", self._dir,
             "--daemonize", "no",
             "--loglevel", "warning",
@@ -84,6 +91,13 @@ class EmbeddedRedis:
             client.close()
 
     def stop(self) -> None:
+        self.halt()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def halt(self) -> None:
+        """Stop the server but keep its directory: a later `start()` on the same port is a restart."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -94,9 +108,6 @@ class EmbeddedRedis:
                 proc.wait()
         if proc is not None and proc.stderr is not None:
             proc.stderr.close()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()
