@@ -49,9 +49,11 @@ def test_the_trained_model_is_calibrated_on_validation_data_and_the_manifest_say
     hardware = pick_hardware(settings)
     outcome = train(job, settings, data, hardware)
     logits = predict_logits(_model(outcome.state_dict), data.val_x, hardware.device, hardware.dtype)
-    # The same fit on the same logits (recomputed here, so equal to within float noise on a flat optimum).
-    assert outcome.temperature == pytest.approx(fit_temperature(logits, data.val_y), rel=0.02)
-    assert nll(logits, data.val_y, outcome.temperature) <= nll(logits, data.val_y, 1.0) + 1e-4
+    # The job's T is the NLL optimum on these validation logits (recomputed here outside the training loop,
+    # so the logits differ in the last bits: compare what T achieves, not T itself).
+    best = fit_temperature(logits, data.val_y)
+    assert nll(logits, data.val_y, outcome.temperature) <= nll(logits, data.val_y, best) + 1e-3
+    assert nll(logits, data.val_y, outcome.temperature) <= nll(logits, data.val_y, 1.0) + 1e-6
     manifest = json.loads(write_artifacts(tmp_path / "out", job, outcome, {}).manifest_path.read_text())
     assert manifest["temperature"] == outcome.temperature
 
