@@ -84,8 +84,9 @@ _STEPS: Final = (
     "replaced by the lesser neighbour",
     "8-connected components; drop specks",
     "crop to kept ink and its fringe (dilated mask with contrast >= fringe_frac * threshold)",
-    "blocky (block_agree of run lengths within a pixel of multiples of f, f from min(block_max, "
-    "side/block_cells) down to block_min by block_step): box reduce by f",
+    "blocky (runs >= block_min - 1; block_agree of them within a pixel of multiples of f, f within a pixel "
+    "of the 10th-percentile run /1, /2, /3 by block_step, block_min..min(block_max, side/block_cells), "
+    "largest first): box reduce by f",
     "ink = contrast / ink_level percentile, clipped, zero outside",
     "stroke width 2*area/perimeter (pixel sides); grey dilation up to target_stroke_px, grey erosion down to "
     "max_stroke_px on the output grid",
@@ -323,10 +324,17 @@ def _block_side(mask: npt.NDArray[np.bool_]) -> float:
     """f when the ink is a small drawing enlarged f times without smoothing (runs near multiples of f), else 1."""
     runs = np.concatenate([_run_lengths(mask), _run_lengths(mask.T)]).astype(np.float32)
     top = min(BLOCK_MAX, max(mask.shape) / BLOCK_CELLS)
+    runs = runs[runs >= BLOCK_MIN - 1]  # one-pixel runs are JPEG's or the reduction's, not the drawing's
     if runs.size < BLOCK_MIN_RUNS or top <= BLOCK_MIN:
         return 1.0
     runs = runs[:: -(-runs.size // BLOCK_MAX_RUNS)]
-    sides = np.arange(top, BLOCK_MIN, -BLOCK_STEP, dtype=np.float32)[:, None]  # largest first
+    # The shortest runs of a blocky drawing are one, two or three blocks: the sides to try lie near them.
+    short = float(np.percentile(runs, 10))
+    near = np.arange(short + 1.0, short - 1.0, -BLOCK_STEP, dtype=np.float32)
+    sides = np.sort(np.concatenate([near, near / 2, near / 3]))[::-1]
+    sides = sides[(sides >= BLOCK_MIN) & (sides <= top)][:, None]  # largest first
+    if sides.size == 0:
+        return 1.0
     multiples = np.maximum(1.0, np.rint(runs / sides)) * sides
     # An edge may move by a pixel (JPEG, a non-integer enlargement), by half a pixel at small factors.
     slack = np.where(sides < 2 * BLOCK_MIN, 0.5, 1.0)

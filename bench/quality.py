@@ -124,6 +124,7 @@ def read_in_process(model_dir: Path, set_dir: Path, items: list[Item], *, tta: b
     from app.preprocess import PreprocessError, preprocess
     from app.serving import load_candidate
 
+    torch.set_num_threads(1)  # one read at a time, as a lone read is served
     manifest = ManifestV1_1.model_validate_json((model_dir / "manifest.json").read_bytes())
     model = load_candidate(model_dir / "model.pt", manifest)
     answers = []
