@@ -28,7 +28,13 @@ READ_LATENCY = Histogram(
 )
 MODEL_SWAPS = Counter("model_swaps_total", "Models activated (hot swaps)")
 FAILED_ACTIVATIONS = Counter("model_activation_failures_total", "Activations refused or failed")
-ACTIVE_MODEL = Gauge("active_model_info", "The active model (value 1)", ["model_id", "version"])
+ACTIVE_MODEL = Gauge("active_model_info", "The model this replica serves (value 1)", ["model_id", "version"])
+REPLICATION_EVENTS = Counter(
+    "model_replication_events_total",
+    "Model replication through Redis: versions published from here, received (now served), refused "
+    "(failed a check), and errors (Redis unreachable)",
+    ["event"],
+)
 
 
 def new_request_id() -> str:

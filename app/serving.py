@@ -13,11 +13,12 @@ pass in the inference thread. Alone, a read runs at once; under load, reads shar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,9 @@ class ModelServer:
         self._runtime: _Runtime | None = None
         self._preprocessing = 0
         self._failed_pointer: ActivePointer | None = None
+        # Told of every activation made here (an upload or a rollback), with the change lock held:
+        # replication publishes it for the other replicas. Not told of what it installs itself.
+        self.on_activated: Callable[[StoredVersion], Awaitable[None]] | None = None
 
     # --- lifecycle ---
 
@@ -246,34 +250,68 @@ class ModelServer:
         Returns the stored version and whether it is now active.
         """
         runtime = self._require_runtime()
-        weights = incoming / WEIGHTS_FILE
-        try:
-            candidate = await asyncio.to_thread(load_candidate, weights, manifest)
-        except BaseException:
-            FAILED_ACTIVATIONS.inc()
-            await asyncio.to_thread(self.store.discard, incoming)
-            raise
+        candidate = await self._load_incoming(incoming, manifest)
         async with runtime.lock:
-            stored, _ = await asyncio.to_thread(self.store.commit, incoming, manifest, weights_sha256)
+            stored = await self._store(incoming, manifest, weights_sha256, serve=candidate if activate else None)
             if activate:
-                await asyncio.to_thread(self.store.set_active, stored.model_id, stored.version)
-                self._install(LoadedModel(manifest=stored.manifest, net=candidate.net))
-            await asyncio.to_thread(self.store.prune, stored.model_id)
+                await self._announce(stored)
         return stored, activate
 
     async def activate(self, model_id: str, version: str) -> StoredVersion:
         """Serve a stored version (a rollback, or a version uploaded without activation)."""
-        runtime = self._require_runtime()
+        async with self.changing():
+            stored = await self.serve_stored(model_id, version)
+            await self._announce(stored)
+        return stored
+
+    @contextlib.asynccontextmanager
+    async def changing(self) -> AsyncIterator[None]:
+        """Held while the served model changes: one change at a time (`adopt` and `serve_stored` need it)."""
+        async with self._require_runtime().lock:
+            yield
+
+    async def adopt(self, incoming: Path, manifest: ManifestV1_1, weights_sha256: str) -> StoredVersion:
+        """Store and serve a version another replica activated (weights at `incoming/model.pt`).
+
+        The same safe load and smoke test as an upload; no promotion gate, since the replica where
+        the version landed already decided. The caller holds `changing()`.
+        """
+        candidate = await self._load_incoming(incoming, manifest)
+        return await self._store(incoming, manifest, weights_sha256, serve=candidate)
+
+    async def serve_stored(self, model_id: str, version: str) -> StoredVersion:
+        """Load, smoke-test and serve a stored version, and point the store at it. The caller holds `changing()`."""
         stored = await asyncio.to_thread(self.store.get, model_id, version)
         try:
             candidate = await asyncio.to_thread(load_candidate, stored.weights_path, stored.manifest)
         except BaseException:
             FAILED_ACTIVATIONS.inc()
             raise
-        async with runtime.lock:
-            await asyncio.to_thread(self.store.set_active, model_id, version)
-            self._install(candidate)
+        await asyncio.to_thread(self.store.set_active, model_id, version)
+        self._install(candidate)
         return stored
+
+    async def _load_incoming(self, incoming: Path, manifest: ManifestV1_1) -> LoadedModel:
+        try:
+            return await asyncio.to_thread(load_candidate, incoming / WEIGHTS_FILE, manifest)
+        except BaseException:
+            FAILED_ACTIVATIONS.inc()
+            await asyncio.to_thread(self.store.discard, incoming)
+            raise
+
+    async def _store(
+        self, incoming: Path, manifest: ManifestV1_1, weights_sha256: str, *, serve: LoadedModel | None
+    ) -> StoredVersion:
+        stored, _ = await asyncio.to_thread(self.store.commit, incoming, manifest, weights_sha256)
+        if serve is not None:
+            await asyncio.to_thread(self.store.set_active, stored.model_id, stored.version)
+            self._install(LoadedModel(manifest=stored.manifest, net=serve.net))
+        await asyncio.to_thread(self.store.prune, stored.model_id)
+        return stored
+
+    async def _announce(self, stored: StoredVersion) -> None:
+        if self.on_activated is not None:
+            await self.on_activated(stored)
 
     def _install(self, model: LoadedModel) -> None:
         previous = self._current
