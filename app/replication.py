@@ -117,10 +117,7 @@ class Replicator:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        # A blob is up to API__MODEL_MAX_BYTES: a long socket timeout for its transfer, a short one to connect.
-        self._client = aioredis.Redis.from_url(
-            self.redis_url, socket_connect_timeout=2.0, socket_timeout=30.0, health_check_interval=15
-        )
+        self._client = self._connect()
         self.models.on_activated = self.activated_here
         self._tasks = [
             asyncio.create_task(self._reconcile_forever(), name="replication-reconcile"),
@@ -304,7 +301,7 @@ class Replicator:
         """Wake the reconciler on each nudge; resubscribe (with back-off) whenever the subscription drops."""
         backoff = 0.5
         while True:
-            client = self._require_client()
+            client = self._connect()
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(CHANNEL)
@@ -314,10 +311,10 @@ class Replicator:
                     if message is not None and message.get("type") == "message":
                         self._wake.set()
             except (RedisError, OSError):
-                pass  # the reconciler reports Redis being unreachable; it catches up by polling meanwhile
+                pass  # the reconciler reports Redis being unreachable, and catches up by polling meanwhile
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.reset()
+                    await client.aclose()  # the subscription's connection included
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 
@@ -331,6 +328,12 @@ class Replicator:
         if not self._reachable:
             self._reachable = True
             log.info("Redis reachable again for model replication")
+
+    def _connect(self) -> aioredis.Redis:
+        # A blob is up to API__MODEL_MAX_BYTES: a long socket timeout for its transfer, a short one to connect.
+        return aioredis.Redis.from_url(
+            self.redis_url, socket_connect_timeout=2.0, socket_timeout=30.0, health_check_interval=15
+        )
 
     def _require_client(self) -> aioredis.Redis:
         if self._client is None:
