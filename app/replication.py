@@ -200,8 +200,11 @@ class Replicator:
         if not isinstance(raw, bytes):
             if served is not None:  # a new or emptied Redis: seed it with what is served here
                 async with self.models.changing():
-                    current = await asyncio.to_thread(self.models.store.get, served.model_id, served.version)
-                    await self._publish(current, only_if_absent=True)
+                    try:
+                        current = await asyncio.to_thread(self.models.store.get, served.model_id, served.version)
+                        await self._publish(current, only_if_absent=True)
+                    except (StoreError, RefusedError) as exc:
+                        log.warning("cannot seed Redis with %s %s: %s", served.model_id, served.version, exc)
             return
         if raw == self._refused:
             return
