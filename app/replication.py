@@ -119,6 +119,7 @@ class Replicator:
     async def start(self) -> None:
         self._client = self._connect()
         self.models.on_activated = self.activated_here
+        self.models.fetch_missing = self.fetch_missing
         self._tasks = [
             asyncio.create_task(self._reconcile_forever(), name="replication-reconcile"),
             asyncio.create_task(self._listen_forever(), name="replication-listen"),
@@ -126,6 +127,7 @@ class Replicator:
 
     async def stop(self) -> None:
         self.models.on_activated = None
+        self.models.fetch_missing = None
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -223,18 +225,11 @@ class Replicator:
             await self._follow(pointer, raw)
 
     async def _follow(self, pointer: SharedPointer, raw: bytes) -> None:
-        store = self.models.store
         try:
             if await asyncio.to_thread(self._holds, pointer):
                 await self.models.serve_stored(pointer.model_id, pointer.version)
             else:
-                manifest, weights = await self._fetch(pointer)
-                incoming = await asyncio.to_thread(store.new_incoming)
-                try:
-                    await asyncio.to_thread(write_atomic, incoming / WEIGHTS_FILE, weights)
-                    await self.models.adopt(incoming, manifest, pointer.sha256)
-                finally:
-                    await asyncio.to_thread(store.discard, incoming)
+                await self._receive(pointer.model_id, pointer.version, pointer.sha256, serve=True)
         except (RefusedError, CandidateError, StoreError) as exc:
             self._refuse(raw, f"{pointer.model_id} {pointer.version}: {exc}")
             return
@@ -242,6 +237,29 @@ class Replicator:
         REPLICATION_EVENTS.labels(event="received").inc()
         log.info("now serving %s %s, activated on replica %s", pointer.model_id, pointer.version, pointer.origin,
                  extra={"model_id": pointer.model_id, "version": pointer.version})
+
+    async def fetch_missing(self, model_id: str, version: str) -> bool:
+        """`ModelServer.fetch_missing`: a rollback landed here for a version this replica does not hold;
+        store it from Redis (active or recent versions only), checked like any other. The caller holds
+        `changing()`. False when Redis does not hold it or it fails a check."""
+        try:
+            await self._receive(model_id, version, None, serve=False)
+        except (RefusedError, CandidateError, StoreError, RedisError, OSError) as exc:
+            log.warning("cannot fetch %s %s from Redis for an activation: %s", model_id, version, exc)
+            return False
+        REPLICATION_EVENTS.labels(event="received").inc()
+        return True
+
+    async def _receive(self, model_id: str, version: str, sha256: str | None, *, serve: bool) -> None:
+        """Fetch a version from Redis, check it, and give it to the store through `ModelServer.adopt`."""
+        manifest, weights, received = await self._fetch(model_id, version, sha256)
+        store = self.models.store
+        incoming = await asyncio.to_thread(store.new_incoming)
+        try:
+            await asyncio.to_thread(write_atomic, incoming / WEIGHTS_FILE, weights)
+            await self.models.adopt(incoming, manifest, received, serve=serve)
+        finally:
+            await asyncio.to_thread(store.discard, incoming)
 
     def _holds(self, pointer: SharedPointer) -> bool:
         """Whether the local store has this version with exactly these weights (checked, not assumed)."""
@@ -251,33 +269,35 @@ class Replicator:
         except (StoreError, OSError):
             return False
 
-    async def _fetch(self, pointer: SharedPointer) -> tuple[ManifestV1_1, bytes]:
-        """The version's manifest and weights from Redis, checked against the pointer and this service."""
+    async def _fetch(self, model_id: str, version: str, sha256: str | None) -> tuple[ManifestV1_1, bytes, str]:
+        """A version's manifest, weights and their sha256 from Redis. Checked against `sha256` (the
+        pointer's) when given, always against the hash in the manifest published with them, and against
+        this service."""
         client = self._require_client()
-        key = blob_key(pointer.member)
+        key = blob_key(f"{model_id}/{version}")
         size = await client.hstrlen(key, "weights")
         if not size:
-            raise RefusedError("Redis no longer holds its weights (trimmed, or never published)")
+            raise RefusedError("Redis does not hold its weights (trimmed, or never published)")
         if size > self.max_weights:
             raise RefusedError(f"its weights are {size} bytes, over API__MODEL_MAX_BYTES ({self.max_weights})")
         raw_manifest, weights = await client.hmget(key, ["manifest", "weights"])
         if not (isinstance(raw_manifest, bytes) and isinstance(weights, bytes)):
             raise RefusedError("Redis holds an incomplete copy")
-        sha256 = await asyncio.to_thread(sha256_hex, weights)
-        if sha256 != pointer.sha256:
-            raise RefusedError(f"the weights received hash to {sha256}, the shared pointer says {pointer.sha256}")
+        received = await asyncio.to_thread(sha256_hex, weights)
+        if sha256 is not None and received != sha256:
+            raise RefusedError(f"the weights received hash to {received}, the shared pointer says {sha256}")
         try:
             manifest = ManifestV1_1.model_validate_json(raw_manifest)
         except ValidationError as exc:
             raise RefusedError(f"its manifest is not a valid manifest v1.1: {exc.errors()[:1]}") from exc
-        if (manifest.model_id, manifest.version) != (pointer.model_id, pointer.version):
+        if (manifest.model_id, manifest.version) != (model_id, version):
             raise RefusedError(f"its manifest names {manifest.model_id} {manifest.version}")
-        if manifest.weights_sha256 != sha256:
-            raise RefusedError(f"its manifest says the weights' sha256 is {manifest.weights_sha256}, "
-                               f"they hash to {sha256}")
+        if manifest.weights_sha256 != received:
+            raise RefusedError(f"the weights received hash to {received}, their manifest says "
+                               f"{manifest.weights_sha256}")
         if manifest.preprocess_hash != PREPROCESS_HASH:
             raise RefusedError("it was trained on other preprocessing than this service's")
-        return manifest, weights
+        return manifest, weights, received
 
     def _refuse(self, raw: bytes, reason: str) -> None:
         self._refused = raw

@@ -158,6 +158,9 @@ class ModelServer:
         # Told of every activation made here (an upload or a rollback), with the change lock held:
         # replication publishes it for the other replicas. Not told of what it installs itself.
         self.on_activated: Callable[[StoredVersion], Awaitable[None]] | None = None
+        # Asked, with the change lock held, for a version an activation names that the local store lacks
+        # (replication fetches it from Redis); True when the store now holds it.
+        self.fetch_missing: Callable[[str, str], Awaitable[bool]] | None = None
 
     # --- lifecycle ---
 
@@ -260,7 +263,12 @@ class ModelServer:
     async def activate(self, model_id: str, version: str) -> StoredVersion:
         """Serve a stored version (a rollback, or a version uploaded without activation)."""
         async with self.changing():
-            stored = await self.serve_stored(model_id, version)
+            try:
+                stored = await self.serve_stored(model_id, version)
+            except VersionNotFoundError:
+                if self.fetch_missing is None or not await self.fetch_missing(model_id, version):
+                    raise
+                stored = await self.serve_stored(model_id, version)
             await self._announce(stored)
         return stored
 
@@ -270,14 +278,16 @@ class ModelServer:
         async with self._require_runtime().lock:
             yield
 
-    async def adopt(self, incoming: Path, manifest: ManifestV1_1, weights_sha256: str) -> StoredVersion:
-        """Store and serve a version another replica activated (weights at `incoming/model.pt`).
+    async def adopt(
+        self, incoming: Path, manifest: ManifestV1_1, weights_sha256: str, *, serve: bool = True
+    ) -> StoredVersion:
+        """Store, and serve, a version another replica activated (weights at `incoming/model.pt`).
 
         The same safe load and smoke test as an upload; no promotion gate, since the replica where
         the version landed already decided. The caller holds `changing()`.
         """
         candidate = await self._load_incoming(incoming, manifest)
-        return await self._store(incoming, manifest, weights_sha256, serve=candidate)
+        return await self._store(incoming, manifest, weights_sha256, serve=candidate if serve else None)
 
     async def serve_stored(self, model_id: str, version: str) -> StoredVersion:
         """Load, smoke-test and serve a stored version, and point the store at it. The caller holds `changing()`."""

@@ -156,6 +156,12 @@ def test_a_replica_started_with_an_empty_data_dir_serves_the_active_model(
     # It stored the version through its own store, so a restart with that volume serves it even without Redis.
     assert (fresh.data_dir / "models" / MODEL_ID / "v2" / "model.pt").read_bytes() == weights_bytes(2)
 
+    # A rollback landing on it, to the previous version it never held: Redis keeps the previous one for that.
+    assert fresh.post(f"/v1/admin/models/{MODEL_ID}/versions/v1/activate").status_code == 200
+    assert fresh.read() == (1, "v1")
+    a.wait_serving("v1")
+    assert fresh.post(f"/v1/admin/models/{MODEL_ID}/versions/v0/activate").status_code == 404
+
 
 def test_weights_changed_in_redis_are_refused(start_replica: StartReplica, redis_url: str) -> None:
     a = start_replica("a", redis_url)
