@@ -157,6 +157,8 @@ class Replicator:
         except RefusedError as exc:
             REPLICATION_EVENTS.labels(event="refused").inc()
             log.error("not publishing %s %s: %s", stored.model_id, stored.version, exc)
+        else:
+            self._reachable_again()
         if self._pending is stored:
             self._pending = None
 
@@ -166,7 +168,10 @@ class Replicator:
         With `only_if_absent` (seeding an empty Redis), only if no pointer is there yet.
         """
         client = self._require_client()
-        weights = await asyncio.to_thread(stored.weights_path.read_bytes)
+        try:
+            weights = await asyncio.to_thread(stored.weights_path.read_bytes)
+        except OSError as exc:  # pruned or damaged here meanwhile: nothing to publish, not a Redis problem
+            raise RefusedError(f"its weights cannot be read: {exc}") from exc
         sha256 = await asyncio.to_thread(sha256_hex, weights)
         if stored.manifest.weights_sha256 not in (None, sha256):
             raise RefusedError(f"the stored weights' sha256 is {sha256}, its manifest says "
@@ -193,6 +198,7 @@ class Replicator:
         """One round: publish what is pending here, seed an empty Redis, or follow the shared pointer."""
         client = self._require_client()
         if self._pending is not None:
+            await client.ping()  # cheap, before reading the weights again while Redis is still away
             async with self.models.changing():
                 await self._publish_pending()
             return
