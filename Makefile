@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-newcomer install lint typecheck pytest bench bench-read bench-interactions bench-train mutation clean
+.PHONY: run test test-newcomer install lint typecheck pytest bench bench-read bench-interactions bench-train bench-forward mutation clean
 
 # DEV_ARGS reaches `digits dev`, e.g. make run DEV_ARGS="--port 8080 --first-model-limit 5000".
 run: $(STAMP)
@@ -39,7 +39,8 @@ pytest:
 test-newcomer: $(STAMP)
 	$(BIN)/pytest -q -m newcomer tests/test_newcomer.py
 
-# Benchmarks (not tests): each prints its figures; bench-read and bench-interactions start their own server.
+# Benchmarks (not tests): each prints its figures; bench-read and bench-interactions start their own server(s).
+# bench-read and bench-train measure today's network and the new one side by side (BENCH_TRAIN_FULL=1: the whole job).
 bench: $(STAMP)
 	$(BIN)/python -m bench.preprocess
 
@@ -51,6 +52,9 @@ bench-interactions: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python -m bench.train
+
+bench-forward: $(STAMP)
+	$(BIN)/python -m bench.forward
 
 # Each critical guard removed in turn, in a scratch copy: its tests must notice (minutes; not part of `make test`).
 mutation: $(STAMP)

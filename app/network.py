@@ -1,16 +1,22 @@
-"""The network both sides share: a 1-channel ResNet-18 sized for 28x28 digits."""
+"""The networks both sides share, by name: a manifest's `arch` picks one, `build_model` builds it.
+
+Every stored model names the arch it was trained as, so a model trained before a new default keeps
+loading with its own network. Training builds `TRAIN__ARCH` (the default: DEFAULT_ARCH).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Final
 
+import torch
 from torch import nn
 from torchvision.models import resnet18
+from torchvision.models.resnet import BasicBlock
 
 from app.contracts import N_CLASSES
-
-ARCH: Final = "resnet18_1ch"
 
 
 def available_cores() -> int:
@@ -21,9 +27,73 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def build_model(n_classes: int = N_CLASSES) -> nn.Module:
-    """torchvision's ResNet-18 with a 3x3 stride-1 stem and no max-pool, so 28x28 keeps its detail."""
-    model: nn.Module = resnet18(weights=None, num_classes=n_classes)
+def cpu_has_fast_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX512_BF16 / AMX); elsewhere bf16 is emulated and slow."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resnet18_1ch() -> nn.Module:
+    """torchvision's ResNet-18 with a 3x3 stride-1 stem and no max-pool: the first stage runs at 28x28
+    (~1.1 GFLOP per image). The network of every model trained before `resnet_s2_w48`."""
+    model: nn.Module = resnet18(weights=None, num_classes=N_CLASSES)
     model.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
+
+
+class DigitResNet(nn.Module):
+    """A ResNet of torchvision `BasicBlock`s for 28x28 digits: 3x3 stride-2 stem (conv + BN + ReLU), four
+    stages of two blocks (stride 2 at the first block of stages 2-4), global average pool, linear.
+
+    Parameter names follow torchvision's ResNet (conv1, bn1, layer1..4, fc), as does the initialisation.
+    """
+
+    def __init__(self, widths: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, widths[0], kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        stages: list[nn.Sequential] = []
+        inplanes = widths[0]
+        for index, width in enumerate(widths):
+            stride = 1 if index == 0 else 2
+            downsample = None
+            if stride != 1 or inplanes != width:
+                downsample = nn.Sequential(
+                    nn.Conv2d(inplanes, width, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(width)
+                )
+            stages.append(nn.Sequential(BasicBlock(inplanes, width, stride, downsample), BasicBlock(width, width)))
+            inplanes = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, N_CLASSES)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.constant_(module.weight, 1)
+                nn.init.constant_(module.bias, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        logits: torch.Tensor = self.fc(torch.flatten(self.avgpool(x), 1))
+        return logits
+
+
+def resnet_s2_w48() -> nn.Module:
+    """The default: stem to 14x14, widths 48-96-192-384 (stages at 14, 7, 4, 2 px)."""
+    return DigitResNet((48, 96, 192, 384))
+
+
+ARCHS: Final[Mapping[str, Callable[[], nn.Module]]] = MappingProxyType({
+    "resnet_s2_w48": resnet_s2_w48,
+    "resnet18_1ch": resnet18_1ch,
+})
+DEFAULT_ARCH: Final = "resnet_s2_w48"
+LEGACY_ARCH: Final = "resnet18_1ch"
+
+
+def build_model(arch: str = DEFAULT_ARCH) -> nn.Module:
+    """A freshly initialised network of `arch`, which must be a key of ARCHS (callers refuse others first)."""
+    return ARCHS[arch]()

@@ -24,22 +24,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-import numpy as np
 import torch
 from torch import nn
 
 from app.contracts import N_CLASSES, WEIGHTS_FILE, ManifestV1_1
-from app.network import ARCH, available_cores, build_model
+from app.inference import forward_probs, pick_dtype, prepare, smoke_input
+from app.network import ARCHS, available_cores, build_model
 from app.observability import ACTIVE_MODEL, FAILED_ACTIVATIONS, MODEL_SWAPS
 from app.prediction import ModelNotReadyError, Prediction, PredictionTimeoutError
-from app.preprocess import CANVAS, preprocess, to_tensor
+from app.preprocess import preprocess
 from app.store import ActivePointer, ModelStore, StoredVersion, VersionNotFoundError
 from config.settings import Settings
 
 log = logging.getLogger("app.serving")
 
-# Test-time augmentation: the image itself and four one-pixel shifts, probabilities averaged.
-TTA_SHIFTS: Final = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 _BATCH_POLL_S: Final = 0.0005
 
 
@@ -77,53 +75,32 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return {str(key): value for key, value in loaded.items()}
 
 
-def smoke_input() -> torch.Tensor:
-    """Two fixed inputs: an empty canvas and a drawn '1'."""
-    blank = np.zeros((CANVAS, CANVAS), dtype=np.uint8)
-    one = blank.copy()
-    one[4:24, 13:16] = 255
-    return to_tensor(np.stack([blank, one]))
-
-
-def load_candidate(weights: Path, manifest: ManifestV1_1) -> LoadedModel:
-    """Load, check against the manifest's arch, prepare for inference, and smoke-test a model.
+def load_candidate(weights: Path, manifest: ManifestV1_1, *, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load as the manifest's arch, check, prepare for inference, and smoke-test a model (in `dtype`, the
+    precision it will serve in).
 
     Raises CandidateError with the reason a human needs; never runs code from the weights file.
     """
-    if manifest.arch != ARCH:
-        raise CandidateError("unsupported_arch", f"arch {manifest.arch!r} is not served here; expected {ARCH!r}")
+    if manifest.arch not in ARCHS:
+        raise CandidateError("unsupported_arch",
+                             f"arch {manifest.arch!r} is not served here; known: {', '.join(sorted(ARCHS))}")
     if manifest.n_classes != N_CLASSES:
         raise CandidateError("unsupported_arch", f"n_classes is {manifest.n_classes}; this service reads {N_CLASSES}")
     state = load_weights(weights)
-    net = build_model(manifest.n_classes)
+    net = build_model(manifest.arch)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())[:400]
-        raise CandidateError("weights_mismatch", f"the weights do not fit arch {ARCH!r}: {detail}") from exc
-    net.eval()
-    for param in net.parameters():
-        param.requires_grad_(False)
-    net = net.to(memory_format=torch.channels_last)
+        raise CandidateError("weights_mismatch", f"the weights do not fit arch {manifest.arch!r}: {detail}") from exc
     try:
-        probs = forward_probs(net, smoke_input(), manifest.temperature, tta=False)
+        net = prepare(net)
+        probs = forward_probs(net, smoke_input(), manifest.temperature, tta=False, dtype=dtype)
     except Exception as exc:  # whatever breaks the forward pass refuses the model
         raise CandidateError("smoke_test_failed", f"a smoke prediction failed: {exc}") from exc
     if probs.shape != (2, manifest.n_classes) or not bool(torch.isfinite(probs).all()):
         raise CandidateError("smoke_test_failed", "a smoke prediction gave non-finite or misshapen probabilities")
     return LoadedModel(manifest=manifest, net=net)
-
-
-def forward_probs(net: nn.Module, batch: torch.Tensor, temperature: float, *, tta: bool) -> torch.Tensor:
-    """Probabilities (N x classes) for a normalised N x 1 x 28 x 28 batch."""
-    with torch.inference_mode():
-        if tta:
-            views = [torch.roll(batch, shifts=shift, dims=(2, 3)) for shift in TTA_SHIFTS]
-            stacked = torch.cat(views).contiguous(memory_format=torch.channels_last)
-            probs = torch.softmax(net(stacked).float() / temperature, dim=1)
-            return probs.reshape(len(TTA_SHIFTS), batch.shape[0], -1).mean(dim=0)
-        logits = net(batch.contiguous(memory_format=torch.channels_last)).float()
-        return torch.softmax(logits / temperature, dim=1)
 
 
 @dataclass
@@ -151,6 +128,7 @@ class ModelServer:
         self.api = settings.api
         self.store = store or ModelStore(settings.models_dir, keep_versions=settings.api.keep_versions)
         self.threads = self.api.torch_threads or available_cores()
+        self.dtype = pick_dtype(self.api.precision)  # bf16 autocast only where the CPU has it natively
         self._current: LoadedModel | None = None
         self._runtime: _Runtime | None = None
         self._preprocessing = 0
@@ -293,7 +271,7 @@ class ModelServer:
         """Load, smoke-test and serve a stored version, and point the store at it. The caller holds `changing()`."""
         stored = await asyncio.to_thread(self.store.get, model_id, version)
         try:
-            candidate = await asyncio.to_thread(load_candidate, stored.weights_path, stored.manifest)
+            candidate = await self._load(stored.weights_path, stored.manifest)
         except BaseException:
             FAILED_ACTIVATIONS.inc()
             raise
@@ -303,7 +281,7 @@ class ModelServer:
 
     async def _load_incoming(self, incoming: Path, manifest: ManifestV1_1) -> LoadedModel:
         try:
-            return await asyncio.to_thread(load_candidate, incoming / WEIGHTS_FILE, manifest)
+            return await self._load(incoming / WEIGHTS_FILE, manifest)
         except BaseException:
             FAILED_ACTIVATIONS.inc()
             await asyncio.to_thread(self.store.discard, incoming)
@@ -322,6 +300,10 @@ class ModelServer:
     async def _announce(self, stored: StoredVersion) -> None:
         if self.on_activated is not None:
             await self.on_activated(stored)
+
+    async def _load(self, weights: Path, manifest: ManifestV1_1) -> LoadedModel:
+        """`load_candidate` off the event loop, smoke-tested in the precision reads will use."""
+        return await asyncio.to_thread(load_candidate, weights, manifest, dtype=self.dtype)
 
     def _install(self, model: LoadedModel) -> None:
         previous = self._current
@@ -360,7 +342,7 @@ class ModelServer:
                 return
             try:
                 stored = await asyncio.to_thread(self.store.get, pointer.model_id, pointer.version)
-                candidate = await asyncio.to_thread(load_candidate, stored.weights_path, stored.manifest)
+                candidate = await self._load(stored.weights_path, stored.manifest)
             except (CandidateError, VersionNotFoundError, OSError) as exc:
                 self._failed_pointer = pointer
                 FAILED_ACTIVATIONS.inc()
@@ -413,6 +395,6 @@ class ModelServer:
 
     def _forward(self, model: LoadedModel, tensors: list[torch.Tensor]) -> list[list[float]]:
         batch = torch.cat(tensors)
-        probs = forward_probs(model.net, batch, model.manifest.temperature, tta=self.api.tta)
+        probs = forward_probs(model.net, batch, model.manifest.temperature, tta=self.api.tta, dtype=self.dtype)
         rows: list[list[float]] = probs.tolist()
         return [[p if math.isfinite(p) else 0.0 for p in row] for row in rows]

@@ -30,6 +30,8 @@ class ApiSettings(BaseModel):
     batch_max: int = Field(default=32, ge=1, le=512)
     batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
     torch_threads: int = Field(default=0, ge=0, description="0: the cores available")
+    precision: str = Field(default="auto", pattern=r"^(auto|fp32|bf16)$",
+                           description="auto: bf16 autocast where the CPU has native bf16, else fp32")
     manifest_max_bytes: int = Field(default=64 * 1024, ge=1024)
     model_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     keep_versions: int = Field(default=5, ge=1)
@@ -50,6 +52,8 @@ class ApiSettings(BaseModel):
 class TrainSettings(BaseModel):
     """The worker's training configuration; none of this travels in the job payload."""
 
+    arch: str = Field(default="resnet_s2_w48", description="the network trained: a key of app.network.ARCHS; "
+                      "resnet18_1ch is the network of models trained before resnet_s2_w48")
     limit: int | None = Field(default=None, ge=1, description="train on the first N images")
     val_size: int = Field(default=5000, ge=1)
     threads: int = Field(default=0, ge=0, description="0: the cores available")
@@ -66,6 +70,16 @@ class TrainSettings(BaseModel):
     upload_timeout_s: float = Field(default=120.0, gt=0)
     keep_artifacts: int = Field(default=3, ge=0, description="uploaded runs whose files stay under "
                                 "DATA_DIR/artifacts; runs whose upload failed are always kept")
+
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_is_known(cls, value: str) -> str:
+        from app.network import ARCHS  # here, not at the top: torch loads only where an arch is named
+
+        if value not in ARCHS:
+            raise ValueError(f"unknown arch {value!r}; known: {', '.join(ARCHS)}")
+        return value
 
 
 class Settings(BaseSettings):

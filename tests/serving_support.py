@@ -1,8 +1,8 @@
 """Real models and images for the inference service's tests (and anyone who needs a served model).
 
-Models are randomly initialised 1-channel ResNet-18s with the real arch; `forced_digit` sets the
-classifier's bias so the model always answers that digit, which lets a test tell models apart by
-their answers as well as by the version they name.
+Models are randomly initialised networks of the default arch (or any arch of `app.network.ARCHS`);
+`forced_digit` sets the classifier's bias so the model always answers that digit, which lets a test
+tell models apart by their answers as well as by the version they name.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from app.contracts import N_CLASSES, WEIGHTS_FILE, ManifestV1_1
-from app.network import ARCH, build_model
+from app.network import DEFAULT_ARCH, build_model
 from app.preprocess import PREPROCESS_HASH
 from app.store import ModelStore
 from config.settings import ApiSettings, Settings
@@ -53,16 +53,18 @@ async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         served.stop()
 
 
-@functools.lru_cache(maxsize=1)
-def _base_state() -> dict[str, torch.Tensor]:
+@functools.lru_cache(maxsize=4)
+def _base_state(arch: str = DEFAULT_ARCH) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    return {k: v.clone() for k, v in build_model().state_dict().items()}
+    return {k: v.clone() for k, v in build_model(arch).state_dict().items()}
 
 
-def model_state(forced_digit: int | None = None, confidence: float | None = None) -> dict[str, torch.Tensor]:
-    """Random weights; with `forced_digit` the answer is always that digit, with `confidence` at exactly
-    that probability (the classifier then ignores its input)."""
-    state = dict(_base_state())
+def model_state(
+    forced_digit: int | None = None, confidence: float | None = None, arch: str = DEFAULT_ARCH
+) -> dict[str, torch.Tensor]:
+    """Random weights of `arch`; with `forced_digit` the answer is always that digit, with `confidence` at
+    exactly that probability (the classifier then ignores its input)."""
+    state = dict(_base_state(arch))
     if forced_digit is not None:
         bias = torch.zeros(N_CLASSES)
         if confidence is None:
@@ -75,9 +77,9 @@ def model_state(forced_digit: int | None = None, confidence: float | None = None
 
 
 @functools.lru_cache(maxsize=16)
-def weights_bytes(forced_digit: int | None = None, confidence: float | None = None) -> bytes:
+def weights_bytes(forced_digit: int | None = None, confidence: float | None = None, arch: str = DEFAULT_ARCH) -> bytes:
     buf = io.BytesIO()
-    torch.save(model_state(forced_digit, confidence), buf)
+    torch.save(model_state(forced_digit, confidence, arch), buf)
     return buf.getvalue()
 
 
@@ -85,7 +87,7 @@ def manifest(model_id: str = MODEL_ID, version: str = "v1", **overrides: object)
     doc: dict[str, object] = {
         "schema_version": "v1.1",
         "model_id": model_id,
-        "arch": ARCH,
+        "arch": DEFAULT_ARCH,
         "n_classes": N_CLASSES,
         "version": version,
         "created_at": datetime.now(UTC).isoformat(),
@@ -135,15 +137,17 @@ def install_model(
     forced_digit: int | None = None,
     confidence: float | None = None,
     activate: bool = True,
+    arch: str = DEFAULT_ARCH,
 ) -> None:
     """Store a model (and make it active) directly on disk, as a trained model left by `make run` would be."""
     store = ModelStore(data_dir / "models")
     store.prepare()
     incoming = store.new_incoming()
-    weights = weights_bytes(forced_digit, confidence)
+    weights = weights_bytes(forced_digit, confidence, arch)
     (incoming / WEIGHTS_FILE).write_bytes(weights)
     sha = hashlib.sha256(weights).hexdigest()
-    store.commit(incoming, ManifestV1_1.model_validate_json(json.dumps(manifest(model_id, version))), sha)
+    doc = manifest(model_id, version, arch=arch)
+    store.commit(incoming, ManifestV1_1.model_validate_json(json.dumps(doc)), sha)
     if activate:
         store.set_active(model_id, version)
 

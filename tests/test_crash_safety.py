@@ -15,8 +15,9 @@ import json
 from pathlib import Path
 
 from app.contracts import MANIFEST_FILE, WEIGHTS_FILE, DigitsTrainJobV1, ManifestV1_1
+from app.inference import forward_probs
 from app.preprocess import preprocess
-from app.serving import forward_probs, load_candidate
+from app.serving import load_candidate
 from app.store import ActivePointer, ModelStore, fsync_path
 from tests.crash_support import crash_at_every_step
 from tests.serving_support import (

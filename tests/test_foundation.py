@@ -10,7 +10,7 @@ import redis
 import torch
 from pydantic import ValidationError
 
-from app.network import build_model
+from app.network import LEGACY_ARCH, build_model
 from config.settings import Settings
 from worker.cli.redis_embedded import EmbeddedRedis
 
@@ -78,8 +78,8 @@ def test_redis_fixture_gives_a_clean_database(redis_url: str) -> None:
     client.close()
 
 
-def test_network_shape() -> None:
-    model = build_model().eval()
+def test_legacy_network_shape() -> None:
+    model = build_model(LEGACY_ARCH).eval()
     with torch.inference_mode():
         out = model(torch.zeros(3, 1, 28, 28))
     assert out.shape == (3, 10)

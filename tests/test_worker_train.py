@@ -16,7 +16,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from torchvision.models import ResNet
 
 from app.contracts import WEIGHTS_FILE, DigitsTrainJobV1, ManifestV1_1
-from app.network import build_model
+from app.network import DigitResNet, build_model
 from app.preprocess import PREPROCESS_HASH
 from config.settings import TrainSettings
 from tests.train_support import fake_run_dir
@@ -96,7 +96,7 @@ def batches_seen(job: DigitsTrainJobV1, data: MnistSplits) -> list[torch.Tensor]
     seen: list[torch.Tensor] = []
 
     def record(module: torch.nn.Module, args: tuple[object, ...]) -> None:
-        if isinstance(module, ResNet) and module.training and isinstance(args[0], torch.Tensor):
+        if isinstance(module, ResNet | DigitResNet) and module.training and isinstance(args[0], torch.Tensor):
             seen.append(args[0].detach().float().clone())
 
     handle = register_module_forward_pre_hook(record)

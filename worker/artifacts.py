@@ -22,7 +22,7 @@ from app.contracts import (
     ManifestV1_1,
     utc_now,
 )
-from app.network import ARCH
+from app.network import DEFAULT_ARCH
 from app.preprocess import PREPROCESS_HASH
 from app.store import write_atomic
 from worker.train import TrainOutcome
@@ -49,9 +49,13 @@ def new_version(now: datetime) -> str:
 
 
 def write_artifacts(
-    out_dir: Path, job: DigitsTrainJobV1, outcome: TrainOutcome, settings_used: dict[str, object]
+    out_dir: Path, job: DigitsTrainJobV1, outcome: TrainOutcome, settings_used: dict[str, object],
+    *, arch: str = DEFAULT_ARCH,
 ) -> Artifacts:
-    """Writes `out_dir/<model_id>/<version>/{model.pt, manifest.json}`; the manifest passes ManifestV1_1."""
+    """Writes `out_dir/<model_id>/<version>/{model.pt, manifest.json}`; the manifest passes ManifestV1_1.
+
+    `arch` is the network `outcome` was trained as (TRAIN__ARCH), so the API loads it as that network (a wrong
+    one is refused there: the weights would not fit)."""
     created = utc_now()
     version = new_version(created)
     directory = out_dir / job.model_id / version
@@ -63,7 +67,7 @@ def write_artifacts(
     manifest: dict[str, object] = {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "model_id": job.model_id,
-        "arch": ARCH,
+        "arch": arch,
         "n_classes": N_CLASSES,
         "version": version,
         "created_at": created.isoformat(),

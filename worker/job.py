@@ -104,7 +104,7 @@ def run_training(
     hooks.stage("saving")
     used = settings.train.model_dump(mode="json", exclude={"upload_attempts", "upload_backoff_s", "upload_timeout_s",
                                                           "keep_artifacts"})
-    artifacts = write_artifacts(out_dir or settings.artifacts_dir, job, outcome, used)
+    artifacts = write_artifacts(out_dir or settings.artifacts_dir, job, outcome, used, arch=settings.train.arch)
     log.info("artifacts written to %s (val_acc %.4f, test_acc %.4f)", artifacts.directory, outcome.val_acc,
              outcome.test_acc)
     hooks.artifact(artifacts.directory)

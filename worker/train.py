@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.contracts import DigitsTrainJobV1
-from app.network import available_cores, build_model
+from app.network import available_cores, build_model, cpu_has_fast_bf16
 from app.preprocess import MNIST_MEAN, MNIST_STD
 from config.settings import TrainSettings
 from worker.augment import apply_modifiers, random_affine
@@ -98,11 +98,6 @@ def pick_hardware(settings: TrainSettings) -> Hardware:
     return Hardware(device, pick_precision(device, settings.precision), settings.threads or available_cores())
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True where oneDNN has native bf16 kernels (AVX512_BF16 / AMX); elsewhere bf16 is emulated and slow."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def pick_precision(device: torch.device, requested: str) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
     if requested == "fp32":
@@ -177,7 +172,7 @@ def train(
     steps = max(1, n // batch_size)  # the ragged tail is dropped; the next epoch's shuffle covers it
     total_steps = steps * job.epochs
 
-    model = build_model().to(device).to(memory_format=torch.channels_last)
+    model = build_model(settings.arch).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=job.lr, total_steps=total_steps, pct_start=WARMUP_FRACTION, div_factor=10.0,

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from app.contracts import MANIFEST_SCHEMA_VERSION
 from app.deps import ModelsDep, RedisDep, SettingsDep
 from app.errors import not_ready
-from app.network import ARCH
+from app.network import ARCHS, DEFAULT_ARCH
 from app.preprocess import PREPROCESS_HASH
 
 router = APIRouter(tags=["health"])
@@ -29,13 +29,19 @@ async def readyz(models: ModelsDep, connection: RedisDep, settings: SettingsDep)
 
 
 @router.get("/version")
-async def version(request: Request) -> dict[str, str]:
-    """What this service is; an uploader compares `preprocess_hash` before training."""
+async def version(request: Request, models: ModelsDep) -> dict[str, str | list[str] | None]:
+    """What this service is; an uploader compares `preprocess_hash` before training.
+
+    `arch` is the served model's network (null before one is loaded), `default_arch` the one training builds
+    unless TRAIN__ARCH says otherwise, `archs` every arch a model may name to be served."""
+    manifest = models.active_manifest()
     return {
         "service": "handwriting-ai",
         "version": request.app.version,
         "preprocess_hash": PREPROCESS_HASH,
-        "arch": ARCH,
+        "arch": manifest.arch if manifest is not None else None,
+        "default_arch": DEFAULT_ARCH,
+        "archs": sorted(ARCHS),
         "manifest_schema_version": MANIFEST_SCHEMA_VERSION,
     }
 
