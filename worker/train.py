@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.contracts import DigitsTrainJobV1
-from app.network import available_cores, build_model, cpu_has_fast_bf16
+from app.network import ARCHS, available_cores, build_model, cpu_has_fast_bf16
 from app.preprocess import MNIST_MEAN, MNIST_STD
 from config.settings import TrainSettings
 from worker.augment import apply_modifiers, random_affine
@@ -173,9 +173,10 @@ def train(
     total_steps = steps * job.epochs
 
     model = build_model(settings.arch).to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=WEIGHT_DECAY)
+    lr = job.lr * ARCHS[settings.arch].lr_scale
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=job.lr, total_steps=total_steps, pct_start=WARMUP_FRACTION, div_factor=10.0,
+        optimizer, max_lr=lr, total_steps=total_steps, pct_start=WARMUP_FRACTION, div_factor=10.0,
         final_div_factor=100.0,
     )
 
