@@ -12,6 +12,7 @@ from app.errors import install_error_handlers
 from app.gate import PromotionGate
 from app.observability import RequestIdMiddleware, configure_logging
 from app.redis_client import connect
+from app.replication import Replicator
 from app.routes import admin, health, job_events, jobs, models, page, read, train
 from app.routes import discord as discord_routes
 from app.serving import ModelServer
@@ -25,16 +26,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     connection = None if settings.redis_url is None else connect(settings.redis_url, settings.redis)
     model_server = ModelServer(settings)
     gate = PromotionGate(settings)
+    # Without Redis a single API serves what its DATA_DIR holds; with it, every replica serves the same model.
+    replicator = None if settings.redis_url is None else Replicator(settings, model_server)
     discord = DiscordRuntime(settings, connection, model_server)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await model_server.start()
+        if replicator is not None:
+            await replicator.start()
         await discord.start()
         try:
             yield
         finally:
             await discord.stop()
+            if replicator is not None:
+                await replicator.stop()
             await model_server.stop()
             gate.close()
             if connection is not None:

@@ -30,7 +30,13 @@ MODEL_SWAPS = Counter("model_swaps_total", "Models activated (hot swaps)")
 FAILED_ACTIVATIONS = Counter("model_activation_failures_total", "Activations refused or failed")
 GATE_DECISIONS = Counter("model_gate_decisions_total", "Promotion gate decisions on activating uploads",
                          ["decision"])  # passed | refused | forced
-ACTIVE_MODEL = Gauge("active_model_info", "The active model (value 1)", ["model_id", "version"])
+ACTIVE_MODEL = Gauge("active_model_info", "The model this replica serves (value 1)", ["model_id", "version"])
+REPLICATION_EVENTS = Counter(
+    "model_replication_events_total",
+    "Model replication through Redis: versions published from here, received (now served), refused "
+    "(failed a check), and errors (Redis unreachable)",
+    ["event"],
+)
 
 
 def new_request_id() -> str:

@@ -13,12 +13,13 @@ pass in the inference thread. Alone, a read runs at once; under load, reads shar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,12 @@ class ModelServer:
         # API__READ_QUEUE_MAX waiting or running are refused at once (503 overloaded).
         self.decode_workers = max(2, available_cores())
         self.admission = ReadAdmission(self.api.read_queue_max, self.decode_workers)
+        # Told of every activation made here (an upload or a rollback), with the change lock held:
+        # replication publishes it for the other replicas. Not told of what it installs itself.
+        self.on_activated: Callable[[StoredVersion], Awaitable[None]] | None = None
+        # Asked, with the change lock held, for a version an activation names that the local store lacks
+        # (replication fetches it from Redis); True when the store now holds it.
+        self.fetch_missing: Callable[[str, str], Awaitable[bool]] | None = None
 
     # --- lifecycle ---
 
@@ -259,42 +266,92 @@ class ModelServer:
         service. Returns the stored version and whether it is now active.
         """
         runtime = self._require_runtime()
-        weights = incoming / WEIGHTS_FILE
-        try:
-            candidate = await self._load(weights, manifest)
-        except BaseException:
-            FAILED_ACTIVATIONS.inc()
-            await asyncio.to_thread(self.store.discard, incoming)
-            raise
+        candidate = await self._load_incoming(incoming, manifest)
         async with runtime.lock:
-            stored, new = await asyncio.to_thread(self.store.commit, incoming, manifest, weights_sha256)
-            if activate and promote is not None:
-                activate = await promote(LoadedModel(manifest=stored.manifest, net=candidate.net), self._current)
-            if activate:
-                try:
-                    await asyncio.to_thread(self.store.set_active, stored.model_id, stored.version)
-                except StorageFullError:
-                    if new:  # undo this upload's commit: a full disk leaves the store as it was
-                        await asyncio.to_thread(self.store.remove, stored.model_id, stored.version)
-                    raise
-                self._install(LoadedModel(manifest=stored.manifest, net=candidate.net))
-            # Retention never removes the version this request stored.
-            await asyncio.to_thread(self.store.prune, stored.model_id, protect=(stored.version,))
-        return stored, activate
+            stored, activated = await self._store(
+                incoming, manifest, weights_sha256, serve=candidate if activate else None, promote=promote)
+            if activated:
+                await self._announce(stored)
+        return stored, activated
 
     async def activate(self, model_id: str, version: str) -> StoredVersion:
         """Serve a stored version (a rollback, or a version uploaded without activation)."""
-        runtime = self._require_runtime()
+        async with self.changing():
+            try:
+                stored = await self.serve_stored(model_id, version)
+            except VersionNotFoundError:
+                if self.fetch_missing is None or not await self.fetch_missing(model_id, version):
+                    raise
+                stored = await self.serve_stored(model_id, version)
+            await self._announce(stored)
+        return stored
+
+    @contextlib.asynccontextmanager
+    async def changing(self) -> AsyncIterator[None]:
+        """Held while the served model changes: one change at a time (`adopt` and `serve_stored` need it)."""
+        async with self._require_runtime().lock:
+            yield
+
+    async def adopt(
+        self, incoming: Path, manifest: ManifestV1_1, weights_sha256: str, *, serve: bool = True
+    ) -> StoredVersion:
+        """Store, and serve, a version another replica activated (weights at `incoming/model.pt`).
+
+        The same safe load and smoke test as an upload; no promotion gate, since the replica where
+        the version landed already decided. The caller holds `changing()`.
+        """
+        candidate = await self._load_incoming(incoming, manifest)
+        stored, _ = await self._store(incoming, manifest, weights_sha256, serve=candidate if serve else None)
+        return stored
+
+    async def serve_stored(self, model_id: str, version: str) -> StoredVersion:
+        """Load, smoke-test and serve a stored version, and point the store at it. The caller holds `changing()`."""
         stored = await asyncio.to_thread(self.store.get, model_id, version)
         try:
             candidate = await self._load(stored.weights_path, stored.manifest)
         except BaseException:
             FAILED_ACTIVATIONS.inc()
             raise
-        async with runtime.lock:
-            await asyncio.to_thread(self.store.set_active, model_id, version)
-            self._install(candidate)
+        await asyncio.to_thread(self.store.set_active, model_id, version)
+        self._install(candidate)
         return stored
+
+    async def _load_incoming(self, incoming: Path, manifest: ManifestV1_1) -> LoadedModel:
+        try:
+            return await self._load(incoming / WEIGHTS_FILE, manifest)
+        except BaseException:
+            FAILED_ACTIVATIONS.inc()
+            await asyncio.to_thread(self.store.discard, incoming)
+            raise
+
+    async def _store(
+        self, incoming: Path, manifest: ManifestV1_1, weights_sha256: str, *, serve: LoadedModel | None,
+        promote: Promote | None = None,
+    ) -> tuple[StoredVersion, bool]:
+        """Commit `incoming`; serve `serve` if given and `promote` (the promotion gate) agrees.
+
+        The caller holds `changing()`. A full disk while pointing the store at the new version undoes
+        this commit, so the store is left as it was. Returns the stored version and whether it is served.
+        """
+        stored, new = await asyncio.to_thread(self.store.commit, incoming, manifest, weights_sha256)
+        if serve is not None and promote is not None and not await promote(
+                LoadedModel(manifest=stored.manifest, net=serve.net), self._current):
+            serve = None
+        if serve is not None:
+            try:
+                await asyncio.to_thread(self.store.set_active, stored.model_id, stored.version)
+            except StorageFullError:
+                if new:
+                    await asyncio.to_thread(self.store.remove, stored.model_id, stored.version)
+                raise
+            self._install(LoadedModel(manifest=stored.manifest, net=serve.net))
+        # Retention never removes the version just stored.
+        await asyncio.to_thread(self.store.prune, stored.model_id, protect=(stored.version,))
+        return stored, serve is not None
+
+    async def _announce(self, stored: StoredVersion) -> None:
+        if self.on_activated is not None:
+            await self.on_activated(stored)
 
     async def _load(self, weights: Path, manifest: ManifestV1_1) -> LoadedModel:
         """`load_candidate` off the event loop, smoke-tested in the precision reads will use."""

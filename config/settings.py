@@ -85,6 +85,14 @@ class ApiSettings(BaseModel):
         default=5.0, ge=0, description="seconds between checks of the active pointer for changes made by another "
         "process sharing DATA_DIR; 0: never"
     )
+    replicate_keep: int = Field(
+        default=2, ge=1, description="versions whose weights Redis holds for other replicas: the active one and the "
+        "ones activated before it (2: active and previous)"
+    )
+    replicate_poll_s: float = Field(
+        default=2.0, gt=0, le=8, description="seconds between checks of the shared active pointer in Redis (a missed "
+        "notification is caught up within this)"
+    )
 
 
 class TrainSettings(BaseModel):
