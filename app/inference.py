@@ -1,13 +1,15 @@
 """The forward pass of a served model: prepared once when the model loads, cheap on every batch.
 
 `prepare` turns a loaded network into what answers reads: eval mode, no gradients, every batch norm folded
-into the convolution before it (torch.fx), channels_last. `forward_probs` runs it under inference mode, in
+into the convolution before it, channels_last. `forward_probs` runs it under inference mode, in
 bf16 autocast only where the CPU has native bf16 (elsewhere bf16 is emulated and slower than fp32).
 
 Not TorchScript: `torch.jit.script` + `freeze` was 0.3 ms faster at batch 1 (2 at batch 16) on 2 AVX2
 cores, but each frozen model stays in TorchScript's global compilation unit with its weights as constants,
 so every hot reload grew the API by ~30 MB for good (+507 MiB in a 5-minute soak with an upload every
-20 s). The figures are in the README's benchmarks (`make bench-forward`, `make bench-soak`).
+20 s). Nor torch.fx's fusion pass: symbolic tracing patches `nn.Module.__call__` for the whole process
+while it runs, so a model loading beside reads broke them. The folding below walks the module tree instead.
+The figures are in the README's benchmarks (`make bench-forward`, `make bench-soak`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Final
 import numpy as np
 import torch
 from torch import nn
-from torch.fx.experimental.optimization import fuse
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from app.network import cpu_has_fast_bf16
 from app.preprocess import CANVAS, to_tensor
@@ -47,7 +49,26 @@ def prepare(net: nn.Module) -> nn.Module:
     net.eval()
     for param in net.parameters():
         param.requires_grad_(False)
-    return fuse(net).to(memory_format=torch.channels_last)
+    fold_batch_norms(net)
+    return net.to(memory_format=torch.channels_last)
+
+
+def fold_batch_norms(net: nn.Module) -> None:
+    """Fold each BatchNorm2d into the Conv2d it follows, in place (an eval-mode network).
+
+    The pairs are found by torchvision's naming, which both archs follow: `bnN` after `convN` in a module,
+    and `[1]` after `[0]` in a Sequential (a downsample).
+    """
+    for parent in list(net.modules()):
+        children = dict(parent.named_children())
+        for name, child in children.items():
+            if not isinstance(child, nn.BatchNorm2d):
+                continue
+            conv_name = "0" if isinstance(parent, nn.Sequential) and name == "1" else name.replace("bn", "conv", 1)
+            conv = children.get(conv_name)
+            if isinstance(conv, nn.Conv2d):
+                setattr(parent, conv_name, fuse_conv_bn_eval(conv, child))
+                setattr(parent, name, nn.Identity())
 
 
 def _autocast(dtype: torch.dtype | None) -> AbstractContextManager[object]:

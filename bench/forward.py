@@ -2,7 +2,7 @@
 
 For today's network and the new one side by side, times one forward pass (the median of many, after a
 warm-up) at batch 1 and batch 16 for: eager PyTorch (eval, channels_last, inference mode), batch norms
-folded by torch.fx (what `app.inference.prepare` serves), and TorchScript script + freeze (a little faster,
+folded into the convolutions (what `app.inference.prepare` serves), and TorchScript script + freeze (a little faster,
 but it keeps every model it freezes for good: see app/inference.py); in fp32, and in bf16 autocast where the
 CPU has native bf16 (`--bf16` forces it elsewhere, where it is emulated).
 """
@@ -69,7 +69,7 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads; median forward time per call (ms), softmax included")
     print(f"{'arch':<14}{'path':<24}{'precision':<10}{'batch 1':>9}{'batch 16':>10}{'per img@16':>11}")
     paths: dict[str, Callable[[str], nn.Module]] = {
-        "eager": eager, "fx fold BN (served)": served, "script+freeze": frozen,
+        "eager": eager, "BN folded (served)": served, "script+freeze": frozen,
     }
     for arch in (LEGACY_ARCH, DEFAULT_ARCH):
         for path, make in paths.items():

@@ -88,6 +88,7 @@ def test_the_prepared_network_answers_as_the_eager_one_at_every_batch_size(arch:
     twin = build_model(arch)
     twin.load_state_dict(eager.state_dict())
     served = prepare(twin)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in served.modules())  # every one folded
     for n in (1, 3, 32):
         batch = torch.randn(n, 1, 28, 28)
         want = forward_probs(eager, batch, 1.0, tta=False)
