@@ -85,16 +85,35 @@ class Page:
         return bool(self.driver.execute_script(
             "return document.documentElement.scrollWidth <= window.innerWidth"))
 
+    def fit_height(self) -> None:
+        """Make the window as tall as the page, so that a screenshot shows all of it."""
+        chrome_px, page_px = self.driver.execute_script(
+            "return [window.outerHeight - window.innerHeight, document.documentElement.scrollHeight]")
+        self.driver.set_window_size(self.driver.get_window_size()["width"], int(chrome_px) + int(page_px))
+
     def drop_file(self, element_id: str, name: str, data: bytes, mime: str) -> None:
         """Drop a file on an element as a drag and drop from the desktop would (a DataTransfer holding it)."""
+        self._file_event(element_id, name, data, mime,
+                         """target.dispatchEvent(new DragEvent("dragover", { dataTransfer: dt, bubbles: true,
+                                                                           cancelable: true }));
+                         target.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true,
+                                                                      cancelable: true }));""")
+
+    def paste_file(self, element_id: str, name: str, data: bytes, mime: str) -> None:
+        """Paste a file into the page with focus on an element, as Ctrl-V of a copied image would."""
+        self._file_event(element_id, name, data, mime,
+                         """target.dispatchEvent(new ClipboardEvent("paste", { clipboardData: dt, bubbles: true,
+                                                                              cancelable: true }));""")
+
+    def _file_event(self, element_id: str, name: str, data: bytes, mime: str, dispatch: str) -> None:
+        """Run `dispatch` with `dt` a DataTransfer holding the file and `target` the element."""
         self.driver.execute_script(
             """const [id, name, b64, mime] = arguments;
             const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
             const dt = new DataTransfer();
             dt.items.add(new File([bytes], name, { type: mime }));
             const target = document.getElementById(id);
-            target.dispatchEvent(new DragEvent("dragover", { dataTransfer: dt, bubbles: true, cancelable: true }));
-            target.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));""",
+            """ + dispatch,
             element_id, name, base64.b64encode(data).decode("ascii"), mime)
 
 
