@@ -194,6 +194,11 @@ def test_roll_back_a_bad_release_then_photos_picked_and_dropped_read_right(
     release(api, trained_model, bad=True)
     page.open(api.url)
     assert page.text("model-version") == BAD_VERSION
+    # The photo picker is keyboard-reachable and shows it has the focus: Tab from Clear.
+    page.el("clear").send_keys(Keys.TAB)
+    assert page.driver.switch_to.active_element.get_attribute("id") == "file"
+    assert page.driver.execute_script(
+        "return getComputedStyle(document.querySelector('label[for=file]')).outlineStyle") == "solid"
     # The bad release is live: the photo is misread.
     page.el("file").send_keys(str(picked.save(tmp_path)))
     assert read_digit(page, "the photo read") == str(BAD_DIGIT) and BAD_VERSION in page.text("read-model")
@@ -281,6 +286,7 @@ def test_train_from_the_page_and_see_the_gate_decide_both_ways(
         page.wait(lambda: page.visible("job"), what="the job to start")
         page.shot("2-started")
         passed = job_result(page)
+        page.fit_height()
         page.shot("3-finished-and-live")
         assert page.el("job-bar").get_attribute("value") == "100"
         assert page.text("job-pct") == "100%" and page.text("job-stage") == "completed"
