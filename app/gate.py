@@ -7,8 +7,9 @@ ship and half as photo-like renders of them (`photo_view`), every image through 
 numpy arrays (no pickle) with their sha256; a damaged cache is rebuilt. A model's accuracy on the set is
 cached per weights (sha256), so the active model is measured once per version.
 
-The measurement runs in the gate's own thread at the lowest CPU priority (nice 19), never on the event
-loop or the inference thread: reads keep their latency while a gate runs.
+The measurement runs in the gate's own thread at a low CPU priority (nice 10: about a tenth of a core that
+reads keep busy), never on the event loop or the inference thread: reads keep their latency while a gate
+runs, and a gate still finishes under sustained reads (at nice 19 it starved and the upload timed out).
 
 Decision (`API__GATE_TOLERANCE`, in accuracy points): activate when
 candidate >= active - tolerance; otherwise the version is stored inactive. With no active model the
@@ -52,7 +53,7 @@ log = logging.getLogger("app.gate")
 GATE_RECIPE: Final = "gate-v1"  # change it when the way the set is drawn changes: a new set, new scores
 GATE_SEED: Final = 1129
 _BATCH: Final = 128
-_NICE: Final = 19
+_NICE: Final = 10
 
 @dataclass(frozen=True)
 class Measured:
@@ -155,7 +156,7 @@ def accuracy(net: torch.nn.Module, gate_set: GateSet) -> float:
 
 
 def _background_thread(threads: int) -> None:
-    """The gate's thread (and the torch threads it starts, which inherit it) runs at the lowest priority."""
+    """The gate's thread (and the torch threads it starts, which inherit it) runs at a low priority (_NICE)."""
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
     torch.set_num_threads(threads)

@@ -1,30 +1,30 @@
 """The forward pass of a served model: prepared once when the model loads, cheap on every batch.
 
-`prepare` turns a loaded network into what answers reads: eval mode, no gradients, channels_last, then
-compiled and frozen by TorchScript (batch norm folded into the convolutions, weights as constants), which
-removes most of eager PyTorch's per-layer Python overhead. `forward_probs` runs it under inference
-mode, in bf16 autocast only where the CPU has native bf16 (elsewhere bf16 is emulated and slower
-than fp32). The figures behind these choices are in the README's benchmarks (`make bench-read`).
+`prepare` turns a loaded network into what answers reads: eval mode, no gradients, every batch norm folded
+into the convolution before it (torch.fx), channels_last. `forward_probs` runs it under inference mode, in
+bf16 autocast only where the CPU has native bf16 (elsewhere bf16 is emulated and slower than fp32).
+
+Not TorchScript: `torch.jit.script` + `freeze` was 0.3 ms faster at batch 1 (2 at batch 16) on 2 AVX2
+cores, but each frozen model stays in TorchScript's global compilation unit with its weights as constants,
+so every hot reload grew the API by ~30 MB for good (+507 MiB in a 5-minute soak with an upload every
+20 s). The figures are in the README's benchmarks (`make bench-forward`, `make bench-soak`).
 """
 
 from __future__ import annotations
 
-import warnings
 from contextlib import AbstractContextManager, nullcontext
 from typing import Final
 
 import numpy as np
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 from app.network import cpu_has_fast_bf16
 from app.preprocess import CANVAS, to_tensor
 
 # Test-time augmentation: the image itself and four one-pixel shifts, probabilities averaged.
 TTA_SHIFTS: Final = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
-# TorchScript's deprecation notices, once per model load otherwise. Installed once here, not around each
-# call: `warnings.catch_warnings` is not thread-safe, and models load in worker threads.
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.(script|freeze)` is deprecated", category=FutureWarning)
 
 
 def pick_dtype(precision: str) -> torch.dtype | None:
@@ -43,13 +43,11 @@ def smoke_input() -> torch.Tensor:
 
 
 def prepare(net: nn.Module) -> nn.Module:
-    """A loaded network, ready to serve: eval, no gradients, channels_last, scripted and frozen."""
+    """A loaded network, ready to serve: eval, no gradients, batch norms folded, channels_last."""
     net.eval()
     for param in net.parameters():
         param.requires_grad_(False)
-    net = net.to(memory_format=torch.channels_last)
-    frozen: nn.Module = torch.jit.freeze(torch.jit.script(net))
-    return frozen
+    return fuse(net).to(memory_format=torch.channels_last)
 
 
 def _autocast(dtype: torch.dtype | None) -> AbstractContextManager[object]:

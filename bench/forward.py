@@ -1,10 +1,10 @@
 """The served forward pass alone, per arch and inference path: `python -m bench.forward`.
 
 For today's network and the new one side by side, times one forward pass (the median of many, after a
-warm-up) at batch 1 and batch 16 for: eager PyTorch (eval, channels_last, inference mode), the
-TorchScript script + freeze that `app.inference.prepare` serves, and that plus
-`torch.jit.optimize_for_inference`; in fp32, and in bf16 autocast where the CPU has native bf16
-(`--bf16` forces it elsewhere, where it is emulated). What wins here is what app/inference.py keeps.
+warm-up) at batch 1 and batch 16 for: eager PyTorch (eval, channels_last, inference mode), batch norms
+folded by torch.fx (what `app.inference.prepare` serves), and TorchScript script + freeze (a little faster,
+but it keeps every model it freezes for good: see app/inference.py); in fp32, and in bf16 autocast where the
+CPU has native bf16 (`--bf16` forces it elsewhere, where it is emulated).
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ def served(arch: str) -> nn.Module:
     return prepare(build_model(arch))
 
 
-def optimized(arch: str) -> nn.Module:
+def frozen(arch: str) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notices
-        faster: nn.Module = torch.jit.optimize_for_inference(torch.jit.script(prepare(build_model(arch))))
-    return faster
+        scripted: nn.Module = torch.jit.freeze(torch.jit.script(eager(arch)))
+    return scripted
 
 
 def time_ms(net: nn.Module, batch: int, dtype: torch.dtype | None, seconds: float) -> float:
@@ -69,7 +69,7 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads; median forward time per call (ms), softmax included")
     print(f"{'arch':<14}{'path':<24}{'precision':<10}{'batch 1':>9}{'batch 16':>10}{'per img@16':>11}")
     paths: dict[str, Callable[[str], nn.Module]] = {
-        "eager": eager, "script+freeze (served)": served, "+optimize_for_inf": optimized,
+        "eager": eager, "fx fold BN (served)": served, "script+freeze": frozen,
     }
     for arch in (LEGACY_ARCH, DEFAULT_ARCH):
         for path, make in paths.items():
