@@ -42,9 +42,17 @@ F32 = npt.NDArray[np.float32]
 # Every constant below is part of PREPROCESS_HASH (and WORK_SIDE, MIN_SIDE, MAX_ASPECT, MIN_INK_CONTRAST
 # from app.decode): change one and models trained before are refused.
 BORDER_FRAC: Final = 0.05  # outer ring used to tell the paper's colour
+# A border median this far from mid-grey decides the polarity alone; nearer (a dim or unevenly lit photo,
+# dark corners), the ink is the far tail: whichever of the 0.5th and 99.5th percentiles lies further from
+# the median.
+POLARITY_CLEAR: Final = 48
+POLARITY_TAIL: Final = 0.5
 BG_GRID: Final = 16  # cells along the longer side for the background (lighting) estimate
 BG_SMALL_SIDE: Final = 64  # at or below this size the background is taken as uniform
 BG_PERCENTILE: Final = 5.0  # uniform background of small images
+# A border this even (95th less 5th percentile of the ring, in grey levels) is a clean drawing or evenly
+# lit paper: the background is uniform, its median. The cell grid would take a wide stroke for paper.
+BG_FLAT_SPREAD: Final = 12.0
 BG_MEAN_SIDE: Final = 4  # pixels averaged before the per-cell minimum
 BG_OPEN_CELLS: Final = 7  # the cell grid is opened (min then max) over this many cells: strokes up to about
 #                          that wide are ink, not paper, so a thick marker stroke stays filled
@@ -75,8 +83,10 @@ _STEPS: Final = (
     "exif orientation",
     "alpha composited on white (alpha as ink when that leaves no contrast)",
     "grayscale L",
-    "polarity from border median (override: invert)",
-    "background = min of 4x4 means per cell on bg_grid (small: percentile), grey opening over bg_open_cells, "
+    "polarity from border median when >= polarity_clear from 128, else the percentile (polarity_tail, "
+    "100 - polarity_tail) further from the median is the ink (override: invert)",
+    "background = border ring's median when its 5-95 percentile spread <= bg_flat_spread, else "
+    "min of 4x4 means per cell on bg_grid (small: percentile), grey opening over bg_open_cells, "
     "bilinear up",
     "contrast = img - background",
     "threshold = max(otsu(contrast), min_threshold); blank if max contrast < min_ink_contrast",
@@ -97,7 +107,8 @@ _STEPS: Final = (
 
 
 _HASHED_CONSTANTS: Final = (
-    "WORK_SIDE", "MIN_SIDE", "MAX_ASPECT", "BORDER_FRAC", "BG_GRID", "BG_SMALL_SIDE", "BG_PERCENTILE", "BG_MEAN_SIDE",
+    "WORK_SIDE", "MIN_SIDE", "MAX_ASPECT", "BORDER_FRAC", "POLARITY_CLEAR", "POLARITY_TAIL", "BG_GRID",
+    "BG_SMALL_SIDE", "BG_PERCENTILE", "BG_FLAT_SPREAD", "BG_MEAN_SIDE",
     "BG_OPEN_CELLS", "MIN_INK_CONTRAST", "MIN_THRESHOLD", "SPECK_FRAC", "SPECK_MIN_AREA_FRAC", "RULE_FILL",
     "RULE_SPAN", "RULE_MAX_FRAC", "BLOCK_MIN", "BLOCK_MAX", "BLOCK_AGREE", "BLOCK_CELLS", "BLOCK_STEP",
     "BLOCK_MIN_RUNS", "BLOCK_MAX_RUNS", "INK_LEVEL_PERCENTILE", "FRINGE_FRAC",
@@ -125,14 +136,26 @@ class Preprocessed:
     preview: U8  # uint8, shape (28, 28): white ink on black, what the model sees
 
 
-def _border_median(gray: U8) -> float:
+def _border(gray: U8) -> U8:
     h, w = gray.shape
     b = max(1, round(min(h, w) * BORDER_FRAC))
     # Every other pixel of the ring is plenty for a median and halves the cost.
-    ring = np.concatenate(
+    return np.concatenate(
         [gray[:b, ::2].ravel(), gray[-b:, ::2].ravel(), gray[::2, :b].ravel(), gray[::2, -b:].ravel()]
     )
-    return float(np.median(ring))
+
+
+def _border_median(gray: U8) -> float:
+    return float(np.median(_border(gray)))
+
+
+def _dark_ink(gray: U8) -> bool:
+    """True for dark ink on light paper, from the border; from the ink's tail when the border is mid-grey."""
+    border = _border_median(gray)
+    if abs(border - 128) >= POLARITY_CLEAR:
+        return border >= 128
+    lo, mid, hi = np.percentile(gray[::2, ::2], (POLARITY_TAIL, 50.0, 100.0 - POLARITY_TAIL))
+    return bool(mid - lo >= hi - mid)
 
 
 def _background(img: U8) -> F32:
@@ -140,6 +163,9 @@ def _background(img: U8) -> F32:
     h, w = img.shape
     if max(h, w) <= BG_SMALL_SIDE:
         return np.full(img.shape, np.percentile(img, BG_PERCENTILE), dtype=np.float32)
+    p5, p50, p95 = np.percentile(_border(img), (5.0, 50.0, 95.0))
+    if p95 - p5 <= BG_FLAT_SPREAD:
+        return np.full(img.shape, p50, dtype=np.float32)
     cell = max(BG_MEAN_SIDE, -(-max(h, w) // BG_GRID))
     cell -= cell % BG_MEAN_SIDE
     # Averaging 4x4 first tames sensor noise, so the darkest average in a cell is the paper there.
@@ -179,7 +205,7 @@ def preprocess_gray(gray: U8, *, invert: bool | None = None) -> Preprocessed:
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise PreprocessError("expected a 2-D uint8 grayscale image")
     check_dimensions(gray.shape[1], gray.shape[0], DEFAULT_MAX_PIXELS)
-    dark_ink = _border_median(gray) >= 128 if invert is None else invert
+    dark_ink = _dark_ink(gray) if invert is None else invert
     img = (255 - gray) if dark_ink else gray
 
     contrast_f = np.clip(img.astype(np.float32) - _background(img), 0, 255)

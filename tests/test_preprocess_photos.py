@@ -84,3 +84,27 @@ def test_stroke_width_is_normalised_between_a_fine_pen_and_a_marker() -> None:
     marker = preview(encode(draw_digit("4", size=(400, 400), stroke_frac=0.3)))
     assert 1.4 <= stroke_width(fine) <= 3.6
     assert 1.4 <= stroke_width(marker) <= 3.6
+
+
+def test_a_dim_photo_with_a_dark_corner_keeps_the_ink_dark() -> None:
+    """Paper lit from one corner, dark in the other: the border's median is mid-grey, which alone would
+    read the paper as ink. The ink is the far tail, so the 7 comes out as the 7."""
+    clean = preview(encode(draw_digit("7", size=(300, 300), stroke_frac=0.08)))
+    img = draw_digit("7", size=(300, 300), stroke_frac=0.08).convert("L")
+    arr = np.asarray(img).astype(np.float32)
+    yy, xx = np.mgrid[0:300, 0:300].astype(np.float32)
+    light = 0.2 + 0.8 * np.clip(1.1 - np.hypot(yy - 40, xx - 40) / 300, 0, 1)  # bright top-left
+    dim = np.clip(arr * light, 0, 255).astype(np.uint8)
+    border = np.concatenate([dim[:15].ravel(), dim[-15:].ravel(), dim[:, :15].ravel(), dim[:, -15:].ravel()])
+    assert 80 < np.median(border) < 128  # mid-grey, on the dark side: the border alone reads light ink
+    assert similarity(preview(encode(Image.fromarray(dim), "JPEG", quality=85)), clean) > 0.8
+
+
+def test_a_clean_drawing_of_a_wide_blob_stays_filled() -> None:
+    """A drawing on an even background whose ink is wider than the lighting estimate's reach (a filled
+    disc, as a small drawing enlarged gives): solid in the 28x28, not its outline."""
+    img = Image.new("L", (160, 160), 250)
+    ImageDraw.Draw(img).ellipse((30, 20, 130, 140), fill=10)
+    p = preview(encode(img))
+    middle = np.flatnonzero(p[14] > 0.5)
+    assert p[14, 14] > 0.5 and middle.size >= 6 and middle[-1] - middle[0] + 1 == middle.size
