@@ -18,6 +18,7 @@ from typing import TypeVar
 import pytest
 from PIL import Image
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
@@ -68,6 +69,23 @@ class Page:
         path = self.shots / f"{name}.png"
         self.driver.save_screenshot(str(path))
         return path
+
+    def click(self, css: str) -> None:
+        """Click the element `css` selects, finding it again if the page re-rendered it meanwhile."""
+        def attempt() -> bool:
+            try:
+                self.driver.find_element(By.CSS_SELECTOR, css).click()
+            except StaleElementReferenceException:
+                return False
+            return True
+        self.wait(attempt, timeout=10, what=f"a click on {css}")
+
+    def rows(self, css: str = "#versions tr") -> list[tuple[str, list[str]]]:
+        """The text (whitespace collapsed) and classes of each element `css` selects, read in one go in the
+        page: nothing goes stale when the page re-renders a table meanwhile."""
+        found = self.driver.execute_script(
+            "return [...document.querySelectorAll(arguments[0])].map((e) => [e.innerText, e.className])", css)
+        return [(" ".join(str(text).split()), str(classes).split()) for text, classes in found]
 
     def seen_image(self) -> Image.Image:
         """The 28x28 (enlarged) image the model saw, as the page shows it."""

@@ -208,9 +208,9 @@ def test_roll_back_a_bad_release_then_photos_picked_and_dropped_read_right(
     # Keyboard only: type the key, Enter; then Tab to the trained version's Activate button, Enter.
     page.el("key").send_keys(API_KEY, Keys.ENTER)
     page.wait(lambda: page.visible("versions-table"), what="the stored versions")
-    rows = page.driver.find_elements("css selector", "#versions tr")
-    assert [r.text.split()[0] for r in rows] == [BAD_VERSION, trained_model.version]  # received last first
-    assert rows[0].text.endswith("forced active") and "passed" in rows[1].text
+    rows = page.rows()
+    assert [text.split()[0] for text, _ in rows] == [BAD_VERSION, trained_model.version]  # received last first
+    assert rows[0][0].endswith("forced active") and "active" in rows[0][1] and "passed" in rows[1][0]
     page.shot("2-versions")
     page.el("key").send_keys(Keys.SHIFT, Keys.TAB)  # back from the key field: the last button of the table
     focused = page.driver.switch_to.active_element
@@ -296,14 +296,13 @@ def test_train_from_the_page_and_see_the_gate_decide_both_ways(
         assert version and figures and "it is now the active model (gate set: " in passed, passed
         assert float(figures[1]) >= float(figures[2])  # the candidate is not worse than the bad release
         page.wait(lambda: page.text("model-version") == version[1], what="the model panel to show it")
-        listed = page.wait(lambda: page.driver.find_elements("css selector", "#versions tr.active"),
-                           what="the new version listed")
-        assert version[1] in listed[0].text and "passed" in listed[0].text
+        page.wait(lambda: [text.split()[0] for text, classes in page.rows() if "active" in classes] == [version[1]],
+                  what="the new version listed as the active one")
+        assert next(text for text, _ in page.rows() if text.startswith(version[1])).endswith("passed active")
         page.shot("4-new-version")
 
         # Roll back to the trained model, then train the same small job again.
-        page.driver.find_element(
-            "css selector", f"button[aria-label='Activate {MODEL_ID} {trained_model.version}']").click()
+        page.click(f"button[aria-label='Activate {MODEL_ID} {trained_model.version}']")
         page.wait(lambda: page.text("model-version") == trained_model.version, what="the rollback")
         first_job = page.text("job-id")
         page.el("train-start").click()
@@ -314,9 +313,9 @@ def test_train_from_the_page_and_see_the_gate_decide_both_ways(
         assert "it did not go live: the promotion gate found it worse than the model in service" in refused
         assert float(figures[1]) < float(figures[2])
         assert page.text("model-version") == trained_model.version  # still the trained model
-        row = page.wait(lambda: [r for r in page.driver.find_elements("css selector", "#versions tr")
-                                 if again[1] in r.text], what="the refused version listed")
-        assert "refused" in row[0].text and "active" not in str(row[0].get_attribute("class"))
+        page.wait(lambda: [(text.split()[-2:], classes) for text, classes in page.rows()
+                           if text.startswith(again[1])] == [(["refused", "Activate"], [])],
+                  what="the refused version listed, not active")
         assert httpx.get(api.url + "/v1/models/active").json()["version"] == trained_model.version
 
         # The model in service still reads: the state the README's screenshot shows.
