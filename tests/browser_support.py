@@ -18,6 +18,7 @@ from typing import TypeVar
 import pytest
 from PIL import Image
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
@@ -69,6 +70,23 @@ class Page:
         self.driver.save_screenshot(str(path))
         return path
 
+    def click(self, css: str) -> None:
+        """Click the element `css` selects, finding it again if the page re-rendered it meanwhile."""
+        def attempt() -> bool:
+            try:
+                self.driver.find_element(By.CSS_SELECTOR, css).click()
+            except StaleElementReferenceException:
+                return False
+            return True
+        self.wait(attempt, timeout=10, what=f"a click on {css}")
+
+    def rows(self, css: str = "#versions tr") -> list[tuple[str, list[str]]]:
+        """The text (whitespace collapsed) and classes of each element `css` selects, read in one go in the
+        page: nothing goes stale when the page re-renders a table meanwhile."""
+        found = self.driver.execute_script(
+            "return [...document.querySelectorAll(arguments[0])].map((e) => [e.innerText, e.className])", css)
+        return [(" ".join(str(text).split()), str(classes).split()) for text, classes in found]
+
     def seen_image(self) -> Image.Image:
         """The 28x28 (enlarged) image the model saw, as the page shows it."""
         src = str(self.el("seen").get_attribute("src"))
@@ -85,16 +103,35 @@ class Page:
         return bool(self.driver.execute_script(
             "return document.documentElement.scrollWidth <= window.innerWidth"))
 
+    def fit_height(self) -> None:
+        """Make the window as tall as the page, so that a screenshot shows all of it."""
+        chrome_px, page_px = self.driver.execute_script(
+            "return [window.outerHeight - window.innerHeight, document.documentElement.scrollHeight]")
+        self.driver.set_window_size(self.driver.get_window_size()["width"], int(chrome_px) + int(page_px))
+
     def drop_file(self, element_id: str, name: str, data: bytes, mime: str) -> None:
         """Drop a file on an element as a drag and drop from the desktop would (a DataTransfer holding it)."""
+        self._file_event(element_id, name, data, mime,
+                         """target.dispatchEvent(new DragEvent("dragover", { dataTransfer: dt, bubbles: true,
+                                                                           cancelable: true }));
+                         target.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true,
+                                                                      cancelable: true }));""")
+
+    def paste_file(self, element_id: str, name: str, data: bytes, mime: str) -> None:
+        """Paste a file into the page with focus on an element, as Ctrl-V of a copied image would."""
+        self._file_event(element_id, name, data, mime,
+                         """target.dispatchEvent(new ClipboardEvent("paste", { clipboardData: dt, bubbles: true,
+                                                                              cancelable: true }));""")
+
+    def _file_event(self, element_id: str, name: str, data: bytes, mime: str, dispatch: str) -> None:
+        """Run `dispatch` with `dt` a DataTransfer holding the file and `target` the element."""
         self.driver.execute_script(
             """const [id, name, b64, mime] = arguments;
             const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
             const dt = new DataTransfer();
             dt.items.add(new File([bytes], name, { type: mime }));
             const target = document.getElementById(id);
-            target.dispatchEvent(new DragEvent("dragover", { dataTransfer: dt, bubbles: true, cancelable: true }));
-            target.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));""",
+            """ + dispatch,
             element_id, name, base64.b64encode(data).decode("ascii"), mime)
 
 

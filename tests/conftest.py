@@ -1,4 +1,5 @@
-"""Shared fixtures: a real embedded Redis for the session, a clean database per test, live processes."""
+"""Shared fixtures: a real embedded Redis and a really trained model for the session, a clean database per
+test, live processes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from config.settings import Settings
 from tests.discord_support import Signer
 from tests.fake_discord import FakeDiscord
 from tests.support import ServedApp, serve
+from tests.trained_support import MIN_TEST_ACC, TrainedModel, train_real_model
 from worker.cli.redis_embedded import EmbeddedRedis
 
 
@@ -20,6 +22,15 @@ from worker.cli.redis_embedded import EmbeddedRedis
 def redis_server() -> Iterator[EmbeddedRedis]:
     with EmbeddedRedis() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
+    """A model of the default arch really trained on MNIST (tests/trained_support.py), once per session:
+    for tests that need a model that reads. Its artifacts folder is the worker's (model.pt + manifest)."""
+    model = train_real_model(tmp_path_factory.mktemp("trained-model"))
+    assert model.test_acc >= MIN_TEST_ACC, f"the test session's model reached only {model.test_acc:.3f}"
+    return model
 
 
 @pytest.fixture

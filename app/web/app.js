@@ -244,7 +244,7 @@ async function loadModel() {
       $("model-val").textContent = accuracy(active.val_acc);
       $("model-test").textContent = accuracy(active.test_acc);
       $("model-created").textContent = when(active.created_at);
-      $("model-live").textContent = active.activated_at ? `live since ${when(active.activated_at)}` : "–";
+      $("model-live").textContent = when(active.activated_at);
     }
   } catch (err) {
     $("status").textContent = err.sentence;
