@@ -136,36 +136,47 @@ class Preprocessed:
     preview: U8  # uint8, shape (28, 28): white ink on black, what the model sees
 
 
-def _border(gray: U8) -> U8:
-    h, w = gray.shape
-    b = max(1, round(min(h, w) * BORDER_FRAC))
-    # Every other pixel of the ring is plenty for a median and halves the cost.
-    return np.concatenate(
-        [gray[:b, ::2].ravel(), gray[-b:, ::2].ravel(), gray[::2, :b].ravel(), gray[::2, -b:].ravel()]
-    )
+@dataclass(frozen=True, slots=True)
+class _Ring:
+    """The outer ring's 5th, 50th and 95th percentiles: the paper's colour, and how even it is."""
+
+    low: float
+    median: float
+    high: float
+
+    @classmethod
+    def of(cls, gray: U8) -> _Ring:
+        h, w = gray.shape
+        b = max(1, round(min(h, w) * BORDER_FRAC))
+        # Every other pixel of the ring is plenty for its percentiles and halves the cost.
+        ring = np.concatenate(
+            [gray[:b, ::2].ravel(), gray[-b:, ::2].ravel(), gray[::2, :b].ravel(), gray[::2, -b:].ravel()]
+        )
+        low, median, high = np.percentile(ring, (5.0, 50.0, 95.0))
+        return cls(float(low), float(median), float(high))
+
+    def inverted(self) -> _Ring:
+        """The same ring of 255 - the image."""
+        return _Ring(255.0 - self.high, 255.0 - self.median, 255.0 - self.low)
 
 
-def _border_median(gray: U8) -> float:
-    return float(np.median(_border(gray)))
-
-
-def _dark_ink(gray: U8) -> bool:
+def _dark_ink(gray: U8, ring: _Ring) -> bool:
     """True for dark ink on light paper, from the border; from the ink's tail when the border is mid-grey."""
-    border = _border_median(gray)
-    if abs(border - 128) >= POLARITY_CLEAR:
-        return border >= 128
+    if abs(ring.median - 128) >= POLARITY_CLEAR:
+        return ring.median >= 128
     lo, mid, hi = np.percentile(gray[::2, ::2], (POLARITY_TAIL, 50.0, 100.0 - POLARITY_TAIL))
     return bool(mid - lo >= hi - mid)
 
 
-def _background(img: U8) -> F32:
-    """Paper level under every pixel, so uneven lighting does not read as ink (ink is bright here)."""
+def _background(img: U8, ring: _Ring) -> F32:
+    """Paper level under every pixel, so uneven lighting does not read as ink (ink is bright here).
+
+    `ring` is `img`'s outer ring."""
     h, w = img.shape
     if max(h, w) <= BG_SMALL_SIDE:
         return np.full(img.shape, np.percentile(img, BG_PERCENTILE), dtype=np.float32)
-    p5, p50, p95 = np.percentile(_border(img), (5.0, 50.0, 95.0))
-    if p95 - p5 <= BG_FLAT_SPREAD:
-        return np.full(img.shape, p50, dtype=np.float32)
+    if ring.high - ring.low <= BG_FLAT_SPREAD:
+        return np.full(img.shape, ring.median, dtype=np.float32)
     cell = max(BG_MEAN_SIDE, -(-max(h, w) // BG_GRID))
     cell -= cell % BG_MEAN_SIDE
     # Averaging 4x4 first tames sensor noise, so the darkest average in a cell is the paper there.
@@ -205,10 +216,11 @@ def preprocess_gray(gray: U8, *, invert: bool | None = None) -> Preprocessed:
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise PreprocessError("expected a 2-D uint8 grayscale image")
     check_dimensions(gray.shape[1], gray.shape[0], DEFAULT_MAX_PIXELS)
-    dark_ink = _dark_ink(gray) if invert is None else invert
-    img = (255 - gray) if dark_ink else gray
+    ring = _Ring.of(gray)
+    dark_ink = _dark_ink(gray, ring) if invert is None else invert
+    img, ring = (255 - gray, ring.inverted()) if dark_ink else (gray, ring)
 
-    contrast_f = np.clip(img.astype(np.float32) - _background(img), 0, 255)
+    contrast_f = np.clip(img.astype(np.float32) - _background(img, ring), 0, 255)
     contrast = contrast_f.astype(np.uint8)
     if int(contrast.max()) < MIN_INK_CONTRAST:
         raise NoDigitFoundError("no digit found: the image is blank or has too little contrast")

@@ -265,9 +265,9 @@ class ModelServer:
         `promote` (the promotion gate) decides whether the stored candidate replaces the model in
         service. Returns the stored version and whether it is now active.
         """
-        runtime = self._require_runtime()
+        self._require_runtime()  # not ready: refused before the candidate is loaded
         candidate = await self._load_incoming(incoming, manifest)
-        async with runtime.lock:
+        async with self.changing():
             stored, activated = await self._store(
                 incoming, manifest, weights_sha256, serve=candidate if activate else None, promote=promote)
             if activated:
