@@ -51,17 +51,19 @@ MUTANTS: Final[tuple[Mutant, ...]] = (
     ),
     Mutant(
         "model version written in place (visible before its manifest is)", "app/store.py",
-        (("            write_atomic(incoming / MANIFEST_FILE, "
+        (("                write_atomic(incoming / MANIFEST_FILE, "
           'stored_manifest.model_dump_json(indent=2).encode("utf-8"))\n'
-          "            model_dir.mkdir(exist_ok=True)\n"
-          "            os.rename(incoming, target)\n",
-          """            model_dir.mkdir(exist_ok=True)
-            os.rename(incoming, target)
-            manifest_path = target / MANIFEST_FILE
-            with manifest_path.open("wb") as f:
-                f.write(stored_manifest.model_dump_json(indent=2).encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
+          "                write_atomic(incoming / RECORD_FILE, record.model_dump_json(indent=2).encode(\"utf-8\"))\n"
+          "                model_dir.mkdir(exist_ok=True)\n"
+          "                os.rename(incoming, target)\n",
+          """                write_atomic(incoming / RECORD_FILE, record.model_dump_json(indent=2).encode("utf-8"))
+                model_dir.mkdir(exist_ok=True)
+                os.rename(incoming, target)
+                manifest_path = target / MANIFEST_FILE
+                with manifest_path.open("wb") as f:
+                    f.write(stored_manifest.model_dump_json(indent=2).encode("utf-8"))
+                    f.flush()
+                    os.fsync(f.fileno())
 """),),
         (UPLOAD_CRASH,),
     ),
@@ -99,7 +101,7 @@ MUTANTS: Final[tuple[Mutant, ...]] = (
     ),
     Mutant(
         "no per-user /train rate limit", "app/discord/state.py",
-        (("if redis.call('ZCARD', KEYS[2]) >= limit then", "if false then"),),
+        (("if redis.call('ZCARD', key) >= limit then", "if false then"),),
         (f"{DISCORD}::test_train_is_rate_limited_per_user_with_the_wait_in_the_reply",
          f"{DISCORD}::test_train_limit_is_shared_by_every_api_replica"),
     ),
@@ -111,7 +113,7 @@ MUTANTS: Final[tuple[Mutant, ...]] = (
     ),
     Mutant(
         "polarity auto-detection broken (always dark ink)", "app/preprocess.py",
-        (("dark_ink = _border_median(gray) >= 128 if invert is None else invert",
+        (("dark_ink = _dark_ink(gray, ring) if invert is None else invert",
           "dark_ink = True if invert is None else invert"),),
         ("tests/test_preprocess.py::test_same_digit_same_28x28[light_on_dark-img3]", READ_INVERT),
     ),
