@@ -162,6 +162,9 @@ class ModelServer:
         # Asked, with the change lock held, for a version an activation names that the local store lacks
         # (replication fetches it from Redis); True when the store now holds it.
         self.fetch_missing: Callable[[str, str], Awaitable[bool]] | None = None
+        # Told of every model put into service, however it came (start, upload, rollback, another replica):
+        # the promotion gate gets its next decision ready. Called on the event loop; must not block.
+        self.on_serving: Callable[[LoadedModel], None] | None = None
 
     # --- lifecycle ---
 
@@ -367,6 +370,8 @@ class ModelServer:
         ACTIVE_MODEL.labels(**served).set(1)
         was = f"{previous.manifest.model_id} {previous.manifest.version}" if previous else "none"
         log.info("serving %s %s (was %s)", served["model_id"], served["version"], was, extra=served)
+        if self.on_serving is not None:
+            self.on_serving(model)
 
     def _require_runtime(self) -> _Runtime:
         if self._runtime is None:
