@@ -31,14 +31,14 @@ from typing import Final
 import torch
 
 from app.contracts import GateDecision, GateReport
+from app.files import write_atomic
 from app.gate_set import GATE_NICE, GateSet, GateStoppedError, cached_or_built, gate_key
 from app.inference import forward_probs
+from app.loading import LoadedModel
 from app.mnist import MnistUnavailableError
 from app.network import available_cores
 from app.observability import GATE_DECISIONS, GATE_READY
 from app.preprocess import to_tensor
-from app.serving import LoadedModel
-from app.store import write_atomic
 from config.settings import Settings
 
 log = logging.getLogger("app.gate")

@@ -28,10 +28,10 @@ from typing import Final
 
 import numpy as np
 
+from app.files import write_atomic
 from app.mnist import FULL_TEST, I64, SIDE, U8, load_test, mnist_pickle_path
 from app.photo import CONDITIONS, RENDERER_VERSION, render_photo
 from app.preprocess import PREPROCESS_HASH, PreprocessError, preprocess, preprocess_gray
-from app.store import write_atomic
 
 log = logging.getLogger("app.gate")
 

@@ -217,9 +217,9 @@ def profile_lone_read(arch: str, threads: int, repeats: int) -> dict[str, float]
 
     from app.contracts import WEIGHTS_FILE, ManifestV1_1
     from app.inference import forward_probs, pick_dtype
+    from app.loading import load_candidate
     from app.network import build_model
     from app.preprocess import PREPROCESS_HASH, decode_gray, preprocess_gray
-    from app.serving import load_candidate
     from config.settings import ApiSettings
 
     data = photo_of_digit(512, 512, seed=7)
