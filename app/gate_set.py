@@ -85,27 +85,25 @@ class GateStoppedError(Exception):
     """The API is shutting down: a set being built is abandoned (nothing is cached)."""
 
 
-def build_gate_set(size: int, *, workers: int = 1, stop: threading.Event | None = None) -> GateSet:
+def build_gate_set(size: int, *, stop: threading.Event | None = None) -> GateSet:
     """Draw `size` test digits (seeded) and preprocess them; the second half as photo-like renders.
+    `stop` abandons the build (GateStoppedError)."""
+    jobs, labels = _draw(size)
+    images = []
+    for job in jobs:
+        if stop is not None and stop.is_set():
+            raise GateStoppedError()
+        images.append(_view(job))
+    return GateSet(np.stack(images).astype(np.uint8), labels, gate_key(size))
 
-    `workers` > 1 renders and preprocesses in that many forked processes: only in the set's own child
-    process (`_main`), never in a threaded one such as the API. The set is the same either way. `stop`
-    abandons a build made here (GateStoppedError)."""
+
+def _draw(size: int) -> tuple[list[tuple[U8, int, bool]], I64]:
+    """The seeded picks: (digit, index in the set, rendered as a photo?) each, and their labels."""
     test_x, test_y = load_test()
     picks = np.random.default_rng(GATE_SEED).permutation(FULL_TEST)[: min(size, FULL_TEST)]
     half = len(picks) // 2
     jobs = [(test_x[index], n, n >= half) for n, index in enumerate(picks)]
-    if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            images = pool.map(_view, jobs, chunksize=16)
-    else:
-        images = []
-        for job in jobs:
-            if stop is not None and stop.is_set():
-                raise GateStoppedError()
-            images.append(_view(job))
-    labels = np.asarray([int(test_y[index]) for index in picks], dtype=np.int64)
-    return GateSet(np.stack(images).astype(np.uint8), labels, gate_key(size))
+    return jobs, np.asarray([int(test_y[index]) for index in picks], dtype=np.int64)
 
 
 def _view(job: tuple[U8, int, bool]) -> U8:
@@ -147,7 +145,8 @@ def load_gate_set(path: Path, key: str) -> GateSet | None:
 
 
 def cached_or_built(path: Path, size: int, *, workers: int, stop: threading.Event) -> GateSet:
-    """The set cached at `path`, or a new one built (in a child process when large) and cached there."""
+    """The set cached at `path`, or a new one built and cached there: over IN_PROCESS_MAX images by a child
+    process on `workers` forked workers of its own, else in this thread (this process never forks)."""
     key = gate_key(size)
     cached = load_gate_set(path, key)
     if cached is not None:
@@ -158,7 +157,7 @@ def cached_or_built(path: Path, size: int, *, workers: int, stop: threading.Even
         if built is not None:
             return built
         log.warning("building the gate set in its own process failed; building it here instead")
-    gate_set = build_gate_set(size, workers=workers, stop=stop)
+    gate_set = build_gate_set(size, stop=stop)
     try:
         save_gate_set(path, gate_set)
     except OSError as exc:  # a full disk costs a rebuild next start, not the decision
@@ -187,11 +186,16 @@ def _build_in_child(path: Path, size: int, workers: int, stop: threading.Event) 
 
 
 def _main(argv: list[str]) -> None:
-    """`python -m app.gate_set PATH SIZE WORKERS`: build the set at the gate's priority and cache it at PATH."""
+    """`python -m app.gate_set PATH SIZE WORKERS`: build the set at the gate's priority, on WORKERS forked
+    processes (safe here: this process has no other threads), the same set `build_gate_set` makes, and
+    cache it at PATH."""
     path, size, workers = Path(argv[0]), int(argv[1]), int(argv[2])
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, 0, GATE_NICE)
-    save_gate_set(path, build_gate_set(size, workers=workers))
+    jobs, labels = _draw(size)
+    with multiprocessing.get_context("fork").Pool(max(1, workers)) as pool:
+        images = pool.map(_view, jobs, chunksize=16)
+    save_gate_set(path, GateSet(np.stack(images).astype(np.uint8), labels, gate_key(size)))
 
 
 if __name__ == "__main__":

@@ -155,6 +155,10 @@ def test_a_replica_started_with_an_empty_data_dir_serves_the_active_model(
     assert fresh.read() == (2, "v2")
     # It stored the version through its own store, so a restart with that volume serves it even without Redis.
     assert (fresh.data_dir / "models" / MODEL_ID / "v2" / "model.pt").read_bytes() == weights_bytes(2)
+    # And its promotion gate gets ready for the next candidate: its own set built, the served model scored.
+    wait_until(lambda: "model_gate_ready 1.0" in fresh.get("/metrics").text, timeout=60,
+               what=f"the fresh replica's gate to get ready\n{fresh.live.log()[-3000:]}")
+    assert list((fresh.data_dir / "gate").glob("gate-*.npz"))
 
     # A rollback landing on it, to the previous version it never held: Redis keeps the previous one for that.
     assert fresh.post(f"/v1/admin/models/{MODEL_ID}/versions/v1/activate").status_code == 200
