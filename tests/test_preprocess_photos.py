@@ -108,3 +108,16 @@ def test_a_clean_drawing_of_a_wide_blob_stays_filled() -> None:
     p = preview(encode(img))
     middle = np.flatnonzero(p[14] > 0.5)
     assert p[14, 14] > 0.5 and middle.size >= 6 and middle[-1] - middle[0] + 1 == middle.size
+
+
+def test_a_pixel_drawing_that_fills_its_canvas_reads_as_drawn() -> None:
+    """A bold 8x8 pixel drawing (a 9) whose ink reaches the border, enlarged without smoothing: its blocks
+    are wider than the lighting estimate's reach and cover much of the border, yet the paper is one exact
+    level, so the background is uniform and the 28x28 is the drawing's, not an outline eaten from it."""
+    rows = ["XXXXXXX.", "XXXXXXXX", "XX....XX", "XXXXXXXX", ".XXXXXXX", "......XX", ".....XXX", "..XXXXX."]
+    drawing = np.array([[0 if c == "X" else 255 for c in row] for row in rows], dtype=np.uint8)
+    native = preview(encode(Image.fromarray(drawing)))
+    for side in (112, 150, 224):
+        big = Image.fromarray(drawing).resize((side, side), Image.Resampling.NEAREST)
+        assert similarity(preview(encode(big)), native) > 0.97, side
+        assert similarity(preview(encode(big.convert("RGB"), "JPEG", quality=85)), native) > 0.97, side
