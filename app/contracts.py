@@ -65,6 +65,10 @@ def describe_errors(errors: Sequence[Mapping[str, object]], limit: int = 5) -> s
     return "; ".join(parts)
 
 
+DEFAULT_EPOCHS: Final = 1  # what /train, POST /v1/train and a bare job payload train with
+DEFAULT_AUGMENT: Final = True
+
+
 class DigitsTrainJobV1(BaseModel):
     """Payload of a `digits.train.v1` job. Defaults are those of the `/train` command."""
 
@@ -74,12 +78,12 @@ class DigitsTrainJobV1(BaseModel):
     request_id: RequestId
     user_id: UserId
     model_id: ModelId = "mnist_resnet18_v1"
-    epochs: Annotated[StrictInt, Field(ge=1, le=100)] = 1
+    epochs: Annotated[StrictInt, Field(ge=1, le=100)] = DEFAULT_EPOCHS
     batch_size: Annotated[StrictInt, Field(ge=1, le=4096)] = 256
     # Strict float still takes a JSON integer (1 is a fine learning rate); it refuses bools and strings.
     lr: Annotated[StrictFloat, Field(gt=0, le=1)] = 0.0015
     seed: Annotated[StrictInt, Field(ge=-(2**31), le=2**32 - 1)] = 42
-    augment: StrictBool = True
+    augment: StrictBool = DEFAULT_AUGMENT
     notes: Annotated[StrictStr, Field(max_length=500)] | None = "requested via /train"
 
 

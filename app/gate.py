@@ -1,10 +1,8 @@
 """The promotion gate: a candidate model goes live only if it is not worse than the model in service.
 
-Both are measured on one fixed gate set that the API owns, never on what the uploader claims (the
-manifest's val_acc decides nothing): MNIST *test* digits drawn deterministically (seeded), half as they
-ship and half as photo-like renders of them (`photo_view`), every image through the real preprocessing
-(`app.preprocess`), as `/v1/read` would see it. The set is built once and cached under `DATA_DIR/gate` as
-numpy arrays (no pickle) with their sha256; a damaged cache is rebuilt. A model's accuracy on the set is
+Both are measured on one fixed gate set that the API owns (`app.gate_set`: seeded MNIST test digits,
+half plain and half photo-like, through the real preprocessing, cached under `DATA_DIR/gate`), never on
+what the uploader claims (the manifest's val_acc decides nothing). A model's accuracy on the set is
 cached per weights (sha256), so the active model is measured once per version.
 
 The measurement runs in the gate's own thread at a low CPU priority (nice 10: about a tenth of a core that
@@ -21,39 +19,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import io
 import json
 import logging
 import os
 import threading
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
-import numpy as np
 import torch
 
 from app.contracts import GateDecision, GateReport
+from app.files import write_atomic
+from app.gate_set import GATE_NICE, GateSet, GateStoppedError, cached_or_built, gate_key
 from app.inference import forward_probs
-from app.mnist import FULL_TEST, I64, SIDE, U8, MnistUnavailableError, load_raw
+from app.loading import LoadedModel
+from app.mnist import MnistUnavailableError
 from app.network import available_cores
-from app.observability import GATE_DECISIONS
-from app.photo import CONDITIONS, RENDERER_VERSION, render_photo
-from app.preprocess import PREPROCESS_HASH, PreprocessError, preprocess, preprocess_gray, to_tensor
-from app.serving import LoadedModel
-from app.store import write_atomic
+from app.observability import GATE_DECISIONS, GATE_READY
+from app.preprocess import to_tensor
 from config.settings import Settings
 
 log = logging.getLogger("app.gate")
 
-GATE_RECIPE: Final = "gate-v1"  # change it when the way the set is drawn changes: a new set, new scores
-GATE_SEED: Final = 1129
 _BATCH: Final = 128
-_NICE: Final = 10
+
 
 @dataclass(frozen=True)
 class Measured:
@@ -62,87 +53,6 @@ class Measured:
     active_version: str
     images: int
     seconds: float
-
-
-@dataclass(frozen=True)
-class GateSet:
-    images: U8  # (N, 28, 28) preprocessed, white ink on black: what the network sees
-    labels: I64
-    key: str  # names this set: its recipe, size and preprocessing
-
-
-def gate_key(size: int) -> str:
-    recipe = f"{GATE_RECIPE}|size={size}|preprocess={PREPROCESS_HASH}|photo={photo_recipe()}"
-    return hashlib.sha256(recipe.encode("utf-8")).hexdigest()[:16]
-
-
-def photo_recipe() -> str:
-    """What the photo-like half of the set is made with (part of the set's key)."""
-    return f"app.photo v{RENDERER_VERSION}: {','.join(CONDITIONS)}"
-
-
-def photo_view(digit: U8, index: int) -> U8 | None:
-    """A photo-like render of a raw MNIST digit (`app.photo`, the conditions taken in turn, its own seeded
-    rng) read back through the real preprocessing, as `/v1/read` would see the file; None when
-    preprocessing refuses it (the plain digit then takes its place)."""
-    rng = np.random.default_rng([GATE_SEED, index])
-    data = render_photo(digit, CONDITIONS[index % len(CONDITIONS)], rng)
-    try:
-        return preprocess(data).preview
-    except PreprocessError:
-        return None
-
-
-def _plain_view(digit: U8) -> U8:
-    try:
-        return preprocess_gray(digit, invert=False).preview
-    except PreprocessError:
-        return digit  # as the training data does: the network sees what /v1/read would refuse
-
-
-def build_gate_set(size: int) -> GateSet:
-    """Draw `size` test digits (seeded) and preprocess them; the second half as photo-like renders."""
-    _, _, test_x, test_y = load_raw()
-    picks = np.random.default_rng(GATE_SEED).permutation(FULL_TEST)[: min(size, FULL_TEST)]
-    images: list[U8] = []
-    labels: list[int] = []
-    half = len(picks) // 2
-    for n, index in enumerate(picks):
-        view = photo_view(test_x[index], n) if n >= half else None
-        images.append(view if view is not None else _plain_view(test_x[index]))
-        labels.append(int(test_y[index]))
-    return GateSet(np.stack(images).astype(np.uint8), np.asarray(labels, dtype=np.int64), gate_key(size))
-
-
-def _digest(images: U8, labels: I64) -> str:
-    return hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
-
-
-def save_gate_set(path: Path, gate_set: GateSet) -> None:
-    buf = io.BytesIO()
-    checksum = np.frombuffer(bytes.fromhex(_digest(gate_set.images, gate_set.labels)), dtype=np.uint8)
-    np.savez(buf, images=gate_set.images, labels=gate_set.labels, sha256=checksum)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, buf.getvalue())
-
-
-def load_gate_set(path: Path, key: str) -> GateSet | None:
-    """The cached set, or None when it is missing, unreadable or fails its checksum."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            images, labels, checksum = z["images"], z["labels"], z["sha256"]
-    except FileNotFoundError:
-        return None
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        log.warning("ignoring unreadable gate set %s: %s", path, exc)
-        return None
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (SIDE, SIDE) or len(labels) != len(images):
-        log.warning("ignoring misshapen gate set %s", path)
-        return None
-    if checksum.dtype != np.uint8 or checksum.tobytes().hex() != _digest(images, labels.astype(np.int64)):
-        log.warning("ignoring gate set %s: its checksum does not match its content", path)
-        return None
-    return GateSet(images, labels.astype(np.int64), key)
 
 
 def accuracy(net: torch.nn.Module, gate_set: GateSet) -> float:
@@ -156,10 +66,16 @@ def accuracy(net: torch.nn.Module, gate_set: GateSet) -> float:
 
 
 def _background_thread(threads: int) -> None:
-    """The gate's thread (and the torch threads it starts, which inherit it) runs at a low priority (_NICE)."""
+    """The gate's thread (and the torch threads it starts, which inherit it) runs at a low priority."""
     with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GATE_NICE)
     torch.set_num_threads(threads)
+
+
+def _weights_key(model: LoadedModel) -> str:
+    """What a model's gate score is cached under: its weights' sha256 (model id and version without one)."""
+    manifest = model.manifest
+    return manifest.weights_sha256 or f"{manifest.model_id}-{manifest.version}"
 
 
 def _points(fraction: float) -> str:
@@ -167,7 +83,12 @@ def _points(fraction: float) -> str:
 
 
 class PromotionGate:
-    """Decides whether a candidate may replace the model in service. One decision at a time."""
+    """Decides whether a candidate may replace the model in service. One decision at a time.
+
+    `prepare(model)` (called whenever a model goes into service) gets the next decision ready in the gate
+    thread: the set is built and the served model scored before any candidate arrives, so a gate then
+    measures only the candidate. A candidate that comes first waits for that work in the same queue.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.directory = settings.gate_dir
@@ -177,8 +98,12 @@ class PromotionGate:
         self._pool: ThreadPoolExecutor | None = None
         self._set: GateSet | None = None
         self._scores: dict[tuple[str, str], float] = {}
+        self._stop = threading.Event()
+        self._prepared: set[str] = set()  # the weights whose preparation was queued
+        self._latest = ""  # ... the last of them
 
     def close(self) -> None:
+        self._stop.set()  # a set being built is abandoned at its next image
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -188,6 +113,17 @@ class PromotionGate:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate",
                                             initializer=_background_thread, initargs=(self.threads,))
         return self._pool
+
+    def prepare(self, model: LoadedModel) -> None:
+        """Queue, in the gate thread, what the next decision about replacing `model` needs: the gate set
+        (built and cached once per DATA_DIR) and `model`'s score. Returns at once; never raises."""
+        weights = _weights_key(model)
+        if self._stop.is_set() or weights in self._prepared:
+            return
+        self._prepared.add(weights)
+        self._latest = weights
+        GATE_READY.set(0)
+        self._executor().submit(self._prepare, model)
 
     def _report(self, decision: GateDecision, reason: str, measured: Measured | None = None) -> GateReport:
         GATE_DECISIONS.labels(decision=decision).inc()
@@ -232,6 +168,18 @@ class PromotionGate:
 
     # --- in the gate thread ---
 
+    def _prepare(self, model: LoadedModel) -> None:
+        try:
+            self._score(model, self._gate_set())
+            if _weights_key(model) == self._latest:
+                GATE_READY.set(1)
+        except GateStoppedError:
+            pass
+        except MnistUnavailableError as exc:
+            log.warning("the gate set cannot be built yet (%s); the next gate will try again", exc)
+        except Exception:  # the decision itself will retry and, if it fails again, refuse and say why
+            log.exception("preparing the promotion gate for %s failed", model.manifest.version)
+
     def _measure_pair(self, candidate: LoadedModel, active: LoadedModel) -> tuple[float, float, int]:
         gate_set = self._gate_set()
         return self._score(candidate, gate_set), self._score(active, gate_set), len(gate_set.images)
@@ -240,22 +188,16 @@ class PromotionGate:
         key = gate_key(self.size)
         if self._set is not None and self._set.key == key:
             return self._set
-        path = self.directory / f"gate-{key}.npz"
-        gate_set = load_gate_set(path, key)
-        if gate_set is None:
-            started = time.perf_counter()
-            gate_set = build_gate_set(self.size)
-            try:
-                save_gate_set(path, gate_set)
-            except OSError as exc:  # a full disk costs a rebuild next start, not the decision
-                log.warning("could not cache the gate set at %s: %s", path, exc)
-            log.info("built the gate set (%d images) in %.1f s", len(gate_set.images), time.perf_counter() - started)
+        started = time.perf_counter()
+        gate_set = cached_or_built(self.directory / f"gate-{key}.npz", self.size, workers=self.threads,
+                                   stop=self._stop)
+        log.info("gate set ready (%d images) in %.1f s", len(gate_set.images), time.perf_counter() - started)
         self._set = gate_set
         return gate_set
 
     def _score(self, model: LoadedModel, gate_set: GateSet) -> float:
         manifest = model.manifest
-        weights = manifest.weights_sha256 or f"{manifest.model_id}-{manifest.version}"
+        weights = _weights_key(model)
         cached = self._scores.get((gate_set.key, weights))
         if cached is not None:
             return cached

@@ -26,6 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     connection = None if settings.redis_url is None else connect(settings.redis_url, settings.redis)
     model_server = ModelServer(settings)
     gate = PromotionGate(settings)
+    model_server.on_serving = gate.prepare  # the set is built and the served model scored before a candidate
     # Without Redis a single API serves what its DATA_DIR holds; with it, every replica serves the same model.
     replicator = None if settings.redis_url is None else Replicator(settings, model_server)
     discord = DiscordRuntime(settings, connection, model_server)

@@ -30,6 +30,8 @@ MODEL_SWAPS = Counter("model_swaps_total", "Models activated (hot swaps)")
 FAILED_ACTIVATIONS = Counter("model_activation_failures_total", "Activations refused or failed")
 GATE_DECISIONS = Counter("model_gate_decisions_total", "Promotion gate decisions on activating uploads",
                          ["decision"])  # passed | refused | forced
+GATE_READY = Gauge("model_gate_ready", "1 once the promotion gate's set is built and the served model scored: "
+                   "the next gate measures only the candidate; 0 while that is being prepared")
 ACTIVE_MODEL = Gauge("active_model_info", "The model this replica serves (value 1)", ["model_id", "version"])
 REPLICATION_EVENTS = Counter(
     "model_replication_events_total",

@@ -197,8 +197,11 @@ CONDITIONS: Final[tuple[str, ...]] = (*_CONDITIONS, SMALL_UPSCALED)
 PHOTO_CONDITIONS: Final[tuple[str, ...]] = tuple(_CONDITIONS)  # every condition but the small upscaled drawings
 
 
-def render_photo(digit: U8, condition: str, rng: np.random.Generator) -> bytes:
-    """A raw 28x28 MNIST digit (light ink on black, uint8) as an image file (JPEG or PNG) under `condition`."""
+def render_photo(digit: U8, condition: str, rng: np.random.Generator, *, max_side: int | None = None) -> bytes:
+    """A raw 28x28 MNIST digit (light ink on black, uint8) as an image file (JPEG or PNG) under `condition`.
+
+    `max_side` caps the file's longer side: the photo is drawn as it would be, then smaller (sizes, blur and
+    grain scaled alike), which costs a fraction of a phone-sized render."""
     if digit.shape != (_SIDE, _SIDE) or digit.dtype != np.uint8:
         raise ValueError("expected a 28x28 uint8 MNIST digit")
     if condition == SMALL_UPSCALED:
@@ -207,7 +210,13 @@ def render_photo(digit: U8, condition: str, rng: np.random.Generator) -> bytes:
         tweak = _CONDITIONS[condition]
     except KeyError:
         raise ValueError(f"unknown condition {condition!r}; one of {', '.join(CONDITIONS)}") from None
-    return render_look(digit, tweak(rng, _base(rng)), rng)
+    look = tweak(rng, _base(rng))
+    w, h = look.size
+    scale = 1.0 if max_side is None else min(1.0, max_side / max(w, h))
+    if scale < 1.0:
+        look = replace(look, size=(max(64, round(w * scale)), max(64, round(h * scale))), blur=look.blur * scale,
+                       grain_px=max(0.5, look.grain_px * scale))
+    return render_look(digit, look, rng)
 
 
 def _coverage(digit: U8, weight: float) -> F32:

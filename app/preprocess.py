@@ -144,8 +144,12 @@ class NoDigitFoundError(PreprocessError):
 
 @dataclass(frozen=True, slots=True)
 class Preprocessed:
-    tensor: torch.Tensor  # float32, shape (1, 1, 28, 28), normalised
     preview: U8  # uint8, shape (28, 28): white ink on black, what the model sees
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """float32, shape (1, 1, 28, 28), normalised: the network's input (torch is imported only here)."""
+        return to_tensor(self.preview)
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +304,7 @@ def preprocess_gray(gray: U8, *, invert: bool | None = None) -> Preprocessed:
     canvas[top : top + out_h, left : left + out_w] = small
 
     preview = np.rint(canvas * 255.0).astype(np.uint8)
-    return Preprocessed(tensor=to_tensor(preview), preview=preview)
+    return Preprocessed(preview=preview)
 
 
 def _dilate3(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:

@@ -35,10 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from redis.exceptions import RedisError
 
 from app.contracts import VERSION_PATTERN, WEIGHTS_FILE, ManifestV1_1, ModelId, Sha256Hex
+from app.files import write_atomic
+from app.loading import CandidateError
 from app.observability import REPLICATION_EVENTS
 from app.preprocess import PREPROCESS_HASH
-from app.serving import CandidateError, ModelServer
-from app.store import StoredVersion, StoreError, write_atomic
+from app.serving import ModelServer
+from app.store import StoredVersion, StoreError
 from config.settings import Settings
 
 ACTIVE_KEY: Final = "digits:models:active"

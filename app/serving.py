@@ -1,4 +1,4 @@
-"""The served model: safe loading, smoke tests, hot swap, and a micro-batching predictor.
+"""The served model: hot swap and a micro-batching predictor (loading and smoke tests: `app.loading`).
 
 One reference, `ModelServer._current`, names the model that answers. A new model is loaded and
 smoke-tested off the request path, then installed by assigning that reference; a batch already
@@ -19,20 +19,20 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 import torch
-from torch import nn
 
 from app.admission import ReadAdmission
-from app.contracts import N_CLASSES, WEIGHTS_FILE, ManifestV1_1
+from app.contracts import WEIGHTS_FILE, ManifestV1_1
 from app.decode import HEAVY_DECODE_PIXELS, decode_gray, decoded_pixels
-from app.inference import forward_probs, pick_dtype, prepare, smoke_input
-from app.network import ARCHS, available_cores, build_model
+from app.inference import forward_probs, pick_dtype
+from app.loading import CandidateError, LoadedModel, load_candidate
+from app.network import available_cores
 from app.observability import ACTIVE_MODEL, FAILED_ACTIVATIONS, MODEL_SWAPS
 from app.prediction import ModelNotReadyError, Prediction, PredictionTimeoutError
 from app.preprocess import Preprocessed, preprocess_gray
@@ -42,68 +42,6 @@ from config.settings import Settings
 log = logging.getLogger("app.serving")
 
 _BATCH_POLL_S: Final = 0.0005
-
-
-class CandidateError(Exception):
-    """A model that must not be served. `code` is the API's stable error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class LoadedModel:
-    manifest: ManifestV1_1
-    net: nn.Module
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Load a state dict without running code: `torch.load(weights_only=True)`, never plain pickle."""
-    try:
-        loaded: object = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any failure to load safely is a refusal; the reason goes to the uploader
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CandidateError(
-            "invalid_weights",
-            f"the weights could not be loaded safely with torch.load(weights_only=True): {first_line[:300]}",
-        ) from exc
-    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, Mapping) or not loaded or not all(
-        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
-    ):
-        raise CandidateError("invalid_weights", "the weights file must hold a state dict (name -> tensor)")
-    return {str(key): value for key, value in loaded.items()}
-
-
-def load_candidate(weights: Path, manifest: ManifestV1_1, *, dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load as the manifest's arch, check, prepare for inference, and smoke-test a model (in `dtype`, the
-    precision it will serve in).
-
-    Raises CandidateError with the reason a human needs; never runs code from the weights file.
-    """
-    if manifest.arch not in ARCHS:
-        raise CandidateError("unsupported_arch",
-                             f"arch {manifest.arch!r} is not served here; known: {', '.join(sorted(ARCHS))}")
-    if manifest.n_classes != N_CLASSES:
-        raise CandidateError("unsupported_arch", f"n_classes is {manifest.n_classes}; this service reads {N_CLASSES}")
-    state = load_weights(weights)
-    net = build_model(manifest.arch)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())[:400]
-        raise CandidateError("weights_mismatch", f"the weights do not fit arch {manifest.arch!r}: {detail}") from exc
-    try:
-        net = prepare(net)
-        probs = forward_probs(net, smoke_input(), manifest.temperature, tta=False, dtype=dtype)
-    except Exception as exc:  # whatever breaks the forward pass refuses the model
-        raise CandidateError("smoke_test_failed", f"a smoke prediction failed: {exc}") from exc
-    if probs.shape != (2, manifest.n_classes) or not bool(torch.isfinite(probs).all()):
-        raise CandidateError("smoke_test_failed", "a smoke prediction gave non-finite or misshapen probabilities")
-    return LoadedModel(manifest=manifest, net=net)
 
 
 class _GaveUpError(Exception):
@@ -162,6 +100,9 @@ class ModelServer:
         # Asked, with the change lock held, for a version an activation names that the local store lacks
         # (replication fetches it from Redis); True when the store now holds it.
         self.fetch_missing: Callable[[str, str], Awaitable[bool]] | None = None
+        # Told of every model put into service, however it came (start, upload, rollback, another replica):
+        # the promotion gate gets its next decision ready. Called on the event loop; must not block.
+        self.on_serving: Callable[[LoadedModel], None] | None = None
 
     # --- lifecycle ---
 
@@ -367,6 +308,8 @@ class ModelServer:
         ACTIVE_MODEL.labels(**served).set(1)
         was = f"{previous.manifest.model_id} {previous.manifest.version}" if previous else "none"
         log.info("serving %s %s (was %s)", served["model_id"], served["version"], was, extra=served)
+        if self.on_serving is not None:
+            self.on_serving(model)
 
     def _require_runtime(self) -> _Runtime:
         if self._runtime is None:

@@ -64,6 +64,7 @@ from app.contracts import (
     ManifestV1_1,
     utc_now,
 )
+from app.files import fsync_path, write_atomic
 
 ACTIVE_FILE: Final = "active.json"
 RECORD_FILE: Final = "record.json"
@@ -149,29 +150,6 @@ def is_safe_model_id(value: str) -> bool:
 
 def is_safe_version(value: str) -> bool:
     return _VERSION.fullmatch(value) is not None
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a rename is durable once its directory is)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`: a reader sees the old content or the new, never a part."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(path.parent)
 
 
 def _owner_tag() -> str:

@@ -121,8 +121,8 @@ def read_in_process(model_dir: Path, set_dir: Path, items: list[Item], *, tta: b
 
     from app.contracts import ManifestV1_1
     from app.inference import forward_probs
+    from app.loading import load_candidate
     from app.preprocess import PreprocessError, preprocess
-    from app.serving import load_candidate
 
     torch.set_num_threads(1)  # one read at a time, as a lone read is served
     manifest = ManifestV1_1.model_validate_json((model_dir / "manifest.json").read_bytes())

@@ -110,9 +110,11 @@ def percentile(sorted_ms: list[float], q: float) -> float:
 
 
 @contextmanager
-def spawned_server(arch: str, threads: int | None) -> Iterator[str]:
+def spawned_server(arch: str, threads: int | None, *, settled: bool = True) -> Iterator[str]:
     """uvicorn on a free loopback port serving a randomly initialised network of `arch`, stored through the
-    real store: the server serves it only after its safe load and smoke test, so /readyz 200 says it passed."""
+    real store: the server serves it only after its safe load and smoke test, so /readyz 200 says it passed.
+    `settled`: also wait for the work a fresh server does in the background (the promotion gate's set and
+    score, `model_gate_ready 1` in /metrics), so that figures are not taken beside it."""
     import socket
 
     import torch
@@ -162,6 +164,10 @@ def spawned_server(arch: str, threads: int | None) -> Iterator[str]:
                 time.sleep(0.2)
             else:
                 raise SystemExit("the server did not become ready (did the smoke test refuse the model?)")
+            while settled and "model_gate_ready 1.0" not in httpx.get(url + "/metrics", timeout=5).text:
+                if time.monotonic() > deadline + 300:
+                    raise SystemExit("the promotion gate did not get ready within 5 minutes")
+                time.sleep(0.2)
             yield url
         finally:
             proc.terminate()
@@ -211,9 +217,9 @@ def profile_lone_read(arch: str, threads: int, repeats: int) -> dict[str, float]
 
     from app.contracts import WEIGHTS_FILE, ManifestV1_1
     from app.inference import forward_probs, pick_dtype
+    from app.loading import load_candidate
     from app.network import build_model
     from app.preprocess import PREPROCESS_HASH, decode_gray, preprocess_gray
-    from app.serving import load_candidate
     from config.settings import ApiSettings
 
     data = photo_of_digit(512, 512, seed=7)

@@ -13,7 +13,7 @@ import redis
 from config.settings import Settings
 from tests.discord_support import Signer
 from tests.fake_discord import FakeDiscord
-from tests.support import ServedApp, serve
+from tests.support import TEST_GATE_SIZE, ServedApp, serve
 from tests.trained_support import MIN_TEST_ACC, TrainedModel, train_real_model
 from worker.cli.redis_embedded import EmbeddedRedis
 
@@ -56,7 +56,10 @@ def served_app() -> Iterator[Callable[..., ServedApp]]:
     started: list[ServedApp] = []
 
     def start(**values: object) -> ServedApp:
-        served = serve(Settings.model_validate({"log_level": "WARNING", **values}))
+        api = values.pop("api", {})
+        assert isinstance(api, dict)
+        served = serve(Settings.model_validate({"log_level": "WARNING", **values,
+                                                "api": {"gate_size": TEST_GATE_SIZE, **api}}))
         started.append(served)
         return served
 

@@ -8,6 +8,7 @@ from typing import Any
 from nacl.signing import SigningKey
 
 from config.settings import Settings, origin_of
+from tests.support import TEST_GATE_SIZE
 
 
 class Signer:
@@ -77,6 +78,7 @@ def settings_for(signer: Signer | None, api_base: str, **overrides: Any) -> Sett
         "discord_attachment_origins": origin_of(api_base),  # the fake serves attachments too
         "discord_progress_interval_s": 0.5,
         "log_level": "WARNING",
+        "api": {"gate_size": TEST_GATE_SIZE},
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)

@@ -26,7 +26,7 @@ from app.network import DEFAULT_ARCH, build_model
 from app.preprocess import PREPROCESS_HASH
 from app.store import ModelStore
 from config.settings import ApiSettings, Settings
-from tests.support import serve
+from tests.support import TEST_GATE_SIZE, serve
 
 API_KEY = "test-admin-key"
 MODEL_ID = "mnist_resnet18_v1"
@@ -38,7 +38,7 @@ def make_settings(data_dir: Path, *, api_key: str | None = API_KEY, **api: objec
         _env_file=None,
         data_dir=data_dir,
         handwriting_api_key=api_key,
-        api=ApiSettings.model_validate({"model_poll_s": 0, **api}),
+        api=ApiSettings.model_validate({"model_poll_s": 0, "gate_size": TEST_GATE_SIZE, **api}),
     )
 
 

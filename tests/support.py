@@ -92,11 +92,16 @@ class LiveProcess:
         return self.proc.returncode
 
 
+# The promotion gate's set in test servers (the default is 1,000): every server that serves a model builds
+# it in the background, and tests train on small subsets too. Tests of the gate choose their own size.
+TEST_GATE_SIZE = 50
+
+
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("REDIS", "RQ__", "DIGITS_", "HANDWRITING_", "DISCORD_", "DATA_DIR",
                                 "TRAIN__", "API__"))}
-    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "API__GATE_SIZE": str(TEST_GATE_SIZE)})
     env.update(extra)
     return env
 

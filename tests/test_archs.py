@@ -21,9 +21,9 @@ from torchvision.models import ResNet
 
 from app.contracts import WEIGHTS_FILE, ManifestV1_1
 from app.inference import TTA_SHIFTS, forward_probs, prepare, smoke_input
+from app.loading import CandidateError, load_candidate
 from app.network import ARCHS, DEFAULT_ARCH, LEGACY_ARCH, DigitResNet, build_model
 from app.preprocess import preprocess
-from app.serving import CandidateError, load_candidate
 from config.settings import Settings, TrainSettings
 from tests.serving_support import (
     API_KEY,

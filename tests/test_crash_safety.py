@@ -15,10 +15,11 @@ import json
 from pathlib import Path
 
 from app.contracts import MANIFEST_FILE, WEIGHTS_FILE, DigitsTrainJobV1, ManifestV1_1
+from app.files import fsync_path
 from app.inference import forward_probs
+from app.loading import load_candidate
 from app.preprocess import preprocess
-from app.serving import load_candidate
-from app.store import ActivePointer, ModelStore, fsync_path
+from app.store import ActivePointer, ModelStore
 from tests.crash_support import crash_at_every_step
 from tests.serving_support import (
     MODEL_ID,

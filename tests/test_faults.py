@@ -31,7 +31,7 @@ from app.contracts import (
 from app.estimate import latest_throughput
 from app.queue import enqueue_train, read_job
 from config.settings import Settings, TrainSettings
-from tests.support import LiveProcess, ServedApp, serve, wait_until
+from tests.support import TEST_GATE_SIZE, LiveProcess, ServedApp, serve, wait_until
 from tests.train_support import API_KEY, TINY_TRAINING, start_worker
 from worker import data as mnist
 from worker.cli.redis_embedded import EmbeddedRedis
@@ -91,7 +91,8 @@ def system(server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory,
     the API's DATA_DIR is root/api, the worker's root/worker."""
     root = tmp_path_factory.mktemp("faults")
     api = serve(Settings.model_validate({"log_level": "WARNING", "redis_url": server.url,
-                                         "data_dir": root / "api", "handwriting_api_key": API_KEY}))
+                                         "data_dir": root / "api", "handwriting_api_key": API_KEY,
+                                         "api": {"gate_size": TEST_GATE_SIZE}}))
     worker_data = root / "worker"
     worker = start_worker({"REDIS_URL": server.url, **TINY_TRAINING, "TRAIN__LIMIT": "64",
                            "DATA_DIR": str(worker_data), "HANDWRITING_API_URL": api.url,

@@ -10,9 +10,12 @@ for the module and copied into each test's DATA_DIR, as a running API caches it.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import re
 import shutil
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +25,16 @@ import pytest
 
 from app.contracts import TrainCompletedV1, dump_event, parse_event
 from app.discord.relay import render
-from app.gate import GateSet, build_gate_set, gate_key, load_gate_set, save_gate_set
+from app.gate_set import (
+    IN_PROCESS_MAX,
+    GateSet,
+    GateStoppedError,
+    build_gate_set,
+    cached_or_built,
+    gate_key,
+    load_gate_set,
+    save_gate_set,
+)
 from tests.serving_support import (
     API_KEY,
     MODEL_ID,
@@ -34,6 +46,7 @@ from tests.serving_support import (
     upload,
     weights_bytes,
 )
+from tests.support import wait_until
 from tests.test_worker_e2e import assert_bot_json_types
 
 pytestmark = pytest.mark.anyio
@@ -91,7 +104,9 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
 
 
-async def test_the_first_model_goes_live_with_nothing_to_beat(data_dir: Path, client: httpx.AsyncClient) -> None:
+async def test_the_first_model_goes_live_with_nothing_to_beat_and_the_next_gate_is_prepared(
+    data_dir: Path, client: httpx.AsyncClient
+) -> None:
     before = await gate_counts(client)
     response = await upload(client, manifest(version="v1", val_acc=0.01), weights_bytes(3), force=False)
     assert response.status_code == 200, response.text
@@ -99,8 +114,14 @@ async def test_the_first_model_goes_live_with_nothing_to_beat(data_dir: Path, cl
     assert body["activated"] is True
     assert body["gate"]["decision"] == "passed" and "nothing to beat" in body["gate"]["reason"]
     assert await served(client) == (3, "v1")
-    assert not (data_dir / "gate").exists()  # nothing was measured: no set was needed
-    assert delta(await gate_counts(client), before) == {"passed": 1.0}
+    # Once a model is served, the gate readies the next decision in the background: it builds its set
+    # and scores the served model, so the first candidate waits only for its own measurement.
+    score = data_dir / "gate" / gate_key(SIZE) / f"{hashlib.sha256(weights_bytes(3)).hexdigest()}.json"
+    await asyncio.to_thread(wait_until, score.exists, 120, "the served model's gate score")
+    gate_set = load_gate_set(data_dir / "gate" / f"gate-{gate_key(SIZE)}.npz", gate_key(SIZE))
+    assert gate_set is not None and len(gate_set.images) == SIZE
+    assert json.loads(score.read_bytes())["accuracy"] == pytest.approx(share(gate_set, 3))
+    assert delta(await gate_counts(client), before) == {"passed": 1.0}  # preparing is not a decision
 
 
 async def test_a_worse_candidate_is_stored_inactive_and_force_activates_it(
@@ -182,6 +203,32 @@ async def test_the_gate_builds_its_set_once_and_rebuilds_a_damaged_cache(data_di
         response = await upload(live, manifest(version="v2"), weights_bytes(1), force=False)
         assert response.json()["gate"]["images"] == SIZE, response.text
     assert damaged.read_bytes() == gate_file.read_bytes()  # rebuilt, identical: the set is deterministic
+
+
+def test_a_stop_abandons_a_gate_set_being_built() -> None:
+    stop = threading.Event()
+    stop.set()  # the API is shutting down
+    with pytest.raises(GateStoppedError):
+        build_gate_set(60, stop=stop)
+
+
+def test_a_large_set_is_built_in_its_own_process_identical_and_abandoned_on_shutdown(tmp_path: Path) -> None:
+    """Sets over IN_PROCESS_MAX images are built by a child process (the API's GIL stays free for reads) on
+    two forked workers; the set is the one the calling thread would build alone, and a shutdown kills the
+    child and caches nothing."""
+    size = IN_PROCESS_MAX + 40
+    path = tmp_path / "gate" / f"gate-{gate_key(size)}.npz"
+    stop = threading.Event()
+    timer = threading.Timer(0.5, stop.set)  # the API shuts down while the child is still at work
+    timer.start()
+    with pytest.raises(GateStoppedError):
+        cached_or_built(path, size, workers=2, stop=stop)
+    timer.cancel()
+    assert not path.exists()
+    built = cached_or_built(path, size, workers=2, stop=threading.Event())
+    assert path.exists() and len(built.images) == size
+    here = build_gate_set(size)
+    assert np.array_equal(built.images, here.images) and np.array_equal(built.labels, here.labels)
 
 
 def test_a_gate_set_whose_content_does_not_match_its_checksum_is_refused(tmp_path: Path) -> None:

@@ -15,9 +15,10 @@ import torch
 
 from app import serving
 from app.decode import U8, PreprocessError, decode_gray
+from app.loading import LoadedModel
 from app.prediction import PredictionTimeoutError, ReadOverloadedError
 from app.preprocess import Preprocessed, preprocess_gray
-from app.serving import LoadedModel, ModelServer
+from app.serving import ModelServer
 from bench.bombs import png_at_budget
 from tests.serving_support import digit_png, install_model, make_settings
 

@@ -23,10 +23,10 @@ import numpy as np
 
 from app.contracts import MANIFEST_FILE, WEIGHTS_FILE, DigitsTrainJobV1, ManifestV1_1
 from app.inference import forward_probs
+from app.loading import LoadedModel, load_candidate
 from app.mnist import I64, U8, load_raw
 from app.photo import render_photo
 from app.preprocess import preprocess
-from app.serving import LoadedModel, load_candidate
 from config.settings import Settings, TrainSettings
 from worker.artifacts import Artifacts
 from worker.hooks import RunHooks

@@ -22,9 +22,9 @@ from app.contracts import (
     ManifestV1_1,
     utc_now,
 )
+from app.files import write_atomic
 from app.network import DEFAULT_ARCH
 from app.preprocess import PREPROCESS_HASH
-from app.store import write_atomic
 from worker.train import TrainOutcome
 
 # Written into a run's directory once the API has accepted its model; only such runs are ever pruned.

@@ -23,9 +23,9 @@ from typing import Final
 import numpy as np
 import torch
 
+from app.files import write_atomic
 from app.mnist import FULL_TEST, FULL_TRAIN, I64, SIDE, U8, MnistUnavailableError, load_raw
 from app.preprocess import PREPROCESS_HASH, PreprocessError, preprocess_gray
-from app.store import write_atomic
 
 log = logging.getLogger(__name__)
 

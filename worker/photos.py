@@ -23,9 +23,9 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from app.files import write_atomic
 from app.photo import CONDITIONS, RENDERER_VERSION, render_photo
 from app.preprocess import PREPROCESS_HASH, PreprocessError, preprocess
-from app.store import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from typing import Final
 
 import httpx
 
+from app.contracts import DEFAULT_AUGMENT, DEFAULT_EPOCHS
 from app.discord.client import USER_AGENT, describe_failure
 from app.discord.interaction import JsonObject
 
@@ -33,7 +34,8 @@ COMMANDS: Final[tuple[JsonObject, ...]] = (
             {
                 "type": OPTION_INTEGER,
                 "name": "epochs",
-                "description": f"Passes over the training data ({TRAIN_EPOCHS_MIN}-{TRAIN_EPOCHS_MAX}, default 1)",
+                "description": f"Passes over the training data ({TRAIN_EPOCHS_MIN}-{TRAIN_EPOCHS_MAX}, "
+                               f"default {DEFAULT_EPOCHS})",
                 "required": False,
                 "min_value": TRAIN_EPOCHS_MIN,
                 "max_value": TRAIN_EPOCHS_MAX,
@@ -41,7 +43,7 @@ COMMANDS: Final[tuple[JsonObject, ...]] = (
             {
                 "type": OPTION_BOOLEAN,
                 "name": "augment",
-                "description": "Augment the training images (default on)",
+                "description": f"Augment the training images (default {'on' if DEFAULT_AUGMENT else 'off'})",
                 "required": False,
             },
         ],

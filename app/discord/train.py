@@ -12,7 +12,7 @@ from typing import Final
 import redis
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
-from app.contracts import DigitsTrainJobV1
+from app.contracts import DEFAULT_AUGMENT, DEFAULT_EPOCHS, DigitsTrainJobV1
 from app.discord.interaction import Interaction, JsonObject, Reply, message, say
 from app.discord.registration import TRAIN_EPOCHS_MAX, TRAIN_EPOCHS_MIN
 from app.discord.state import TrainAdmissions, TrainRecord
@@ -31,8 +31,8 @@ class TrainOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    epochs: StrictInt = Field(1, ge=TRAIN_EPOCHS_MIN, le=TRAIN_EPOCHS_MAX)
-    augment: StrictBool = True
+    epochs: StrictInt = Field(DEFAULT_EPOCHS, ge=TRAIN_EPOCHS_MIN, le=TRAIN_EPOCHS_MAX)
+    augment: StrictBool = DEFAULT_AUGMENT
 
 
 def parse_train_options(options: dict[str, object]) -> TrainOptions | str:

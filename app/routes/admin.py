@@ -52,8 +52,8 @@ from app.contracts import (
 )
 from app.deps import GateDep, ModelsDep, SettingsDep
 from app.errors import ApiError
+from app.loading import CandidateError, LoadedModel
 from app.preprocess import PREPROCESS_HASH
-from app.serving import CandidateError, LoadedModel
 from app.store import (
     GateVerdict,
     StorageFullError,
