@@ -20,6 +20,16 @@ import numpy.typing as npt
 from PIL import Image
 from scipy import ndimage
 
+# Blocky drawings (app.blocky): its constants are part of PREPROCESS_HASH too, read from this module's globals.
+from app.blocky import BLOCK_AGREE as BLOCK_AGREE
+from app.blocky import BLOCK_CELLS as BLOCK_CELLS
+from app.blocky import BLOCK_MAX as BLOCK_MAX
+from app.blocky import BLOCK_MAX_RUNS as BLOCK_MAX_RUNS
+from app.blocky import BLOCK_MIN as BLOCK_MIN
+from app.blocky import BLOCK_MIN_RUNS as BLOCK_MIN_RUNS
+from app.blocky import BLOCK_STEP as BLOCK_STEP
+from app.blocky import block_side, unblock
+
 # Decoding lives in app.decode. Re-exported: what callers have always imported from here, and the
 # decoding constants that are part of PREPROCESS_HASH (read from this module's globals).
 from app.decode import DEFAULT_MAX_PIXELS, MIN_INK_CONTRAST, check_dimensions
@@ -73,13 +83,6 @@ SPECK_MIN_AREA_FRAC: Final = 2e-4  # ... as is anything under this share of the 
 RULE_FILL: Final = 0.6  # a row (column) this full of ink ...
 RULE_SPAN: Final = 0.9  # ... from end to end ...
 RULE_MAX_FRAC: Final = 0.03  # ... in a band at most this share of the image thick is a ruled line, not a stroke
-BLOCK_MIN: Final = 4  # a drawing enlarged without smoothing, by this factor or more, is read at its own size
-BLOCK_MAX: Final = 64
-BLOCK_AGREE: Final = 0.9  # share of the ink's run lengths that must be multiples of the block side
-BLOCK_CELLS: Final = 5  # ... and the drawing at least this many blocks long
-BLOCK_STEP: Final = 0.05  # block sides tried, from the largest down, in these steps
-BLOCK_MIN_RUNS: Final = 16  # fewer runs than this say nothing
-BLOCK_MAX_RUNS: Final = 256  # more are thinned to this many, evenly
 INK_LEVEL_PERCENTILE: Final = 90.0
 FRINGE_FRAC: Final = 0.25  # next to the ink, contrast above this share of the threshold is still ink
 TARGET_STROKE_PX: Final = 2.0  # stroke width on the 28x28 grid (MNIST is about 2-3)
@@ -272,9 +275,9 @@ def preprocess_gray(gray: U8, *, invert: bool | None = None) -> Preprocessed:
     crop_mask = sub_mask[t0:t1, l0:l1]
     crop = sub[t0:t1, l0:l1]
     crop_inked = inked[t0:t1, l0:l1]
-    block = _block_side(crop_mask)
+    block = block_side(crop_mask)
     if block > 1:
-        crop, crop_mask, crop_inked = _unblock(crop, crop_mask, crop_inked, block)
+        crop, crop_mask, crop_inked = unblock(crop, crop_mask, crop_inked, block)
 
     ink_values = crop[crop_mask]
     k = min(ink_values.size - 1, int(ink_values.size * INK_LEVEL_PERCENTILE / 100))
@@ -365,53 +368,6 @@ def _remove_rules(contrast: F32, mask: npt.NDArray[np.bool_], threshold: int) ->
             below = c[b] if b < c.shape[0] else np.zeros(across, dtype=np.float32)
             c[a:b] = np.minimum(above, below)
             m[a:b] = c[a:b] >= threshold
-
-
-def _run_lengths(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.intp]:
-    """Lengths of the interior runs (ink or paper) along every row, and where each starts."""
-    change = mask[:, 1:] != mask[:, :-1]
-    rows, cols = np.nonzero(change)
-    same_row = rows[1:] == rows[:-1]
-    return np.asarray((cols[1:] - cols[:-1])[same_row], dtype=np.intp)
-
-
-def _block_side(mask: npt.NDArray[np.bool_]) -> float:
-    """f when the ink is a small drawing enlarged f times without smoothing (runs near multiples of f), else 1."""
-    runs = np.concatenate([_run_lengths(mask), _run_lengths(mask.T)]).astype(np.float32)
-    top = min(BLOCK_MAX, max(mask.shape) / BLOCK_CELLS)
-    runs = runs[runs >= BLOCK_MIN - 1]  # one-pixel runs are JPEG's or the reduction's, not the drawing's
-    if runs.size < BLOCK_MIN_RUNS or top <= BLOCK_MIN:
-        return 1.0
-    runs = runs[:: -(-runs.size // BLOCK_MAX_RUNS)]
-    # The shortest runs of a blocky drawing are one, two or three blocks: the sides to try lie near them.
-    short = float(np.percentile(runs, 10))
-    near = np.arange(short + 1.0, short - 1.0, -BLOCK_STEP, dtype=np.float32)
-    sides = np.sort(np.concatenate([near, near / 2, near / 3]))[::-1]
-    sides = sides[(sides >= BLOCK_MIN) & (sides <= top)][:, None]  # largest first
-    if sides.size == 0:
-        return 1.0
-    multiples = np.maximum(1.0, np.rint(runs / sides)) * sides
-    # An edge may move by a pixel (JPEG, a non-integer enlargement), by half a pixel at small factors.
-    slack = np.where(sides < 2 * BLOCK_MIN, 0.5, 1.0)
-    agree = np.count_nonzero(np.abs(runs - multiples) <= slack, axis=1) >= BLOCK_AGREE * runs.size
-    return float(sides[int(np.argmax(agree)), 0]) if agree.any() else 1.0
-
-
-def _unblock(crop: F32, mask: npt.NDArray[np.bool_], inked: npt.NDArray[np.bool_],
-             side: float) -> tuple[F32, npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
-    """The crop reduced by the block side (box averaging): the small drawing it was enlarged from.
-
-    The crop starts and ends at the ink's edges, which are block edges, so the blocks line up."""
-    h, w = crop.shape
-    size = (max(1, round(w / side)), max(1, round(h / side)))
-
-    def shrink(a: F32) -> F32:
-        return np.asarray(Image.fromarray(a, mode="F").resize(size, Image.Resampling.BOX), dtype=np.float32)
-
-    small_mask = shrink(mask.astype(np.float32)) >= 0.5
-    if not small_mask.any():
-        return crop, mask, inked
-    return shrink(crop), small_mask, shrink(inked.astype(np.float32)) > 0
 
 
 def to_tensor(preview: U8) -> torch.Tensor:
