@@ -14,7 +14,7 @@ Layout under `DATA_DIR/models`:
 A version appears by renaming a complete, fsynced directory into place, and disappears by being
 renamed into `.trash` before it is deleted, so a reader sees a whole version or none. The active
 pointer and the records are replaced the same way (temp file, fsync, rename). Nothing here knows
-about torch: loading and smoke-testing a model is `app.serving`'s.
+about torch: loading and smoke-testing a model is `app.loading`'s.
 
 The public methods, for the admin routes and for anyone installing a version (replication included;
 nobody else writes under this root):

@@ -126,7 +126,7 @@ MUTANTS: Final[tuple[Mutant, ...]] = (
         (f"{AUTH}::test_with_no_key_configured_admin_endpoints_refuse_everything",),
     ),
     Mutant(
-        "weights unpickled without weights_only", "app/serving.py",
+        "weights unpickled without weights_only", "app/loading.py",
         (('torch.load(path, map_location="cpu", weights_only=True)',
           'torch.load(path, map_location="cpu", weights_only=False)'),),
         (f"{AUTH}::test_a_pickle_that_runs_code_is_refused_without_running_it[torch.save zip]",
