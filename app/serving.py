@@ -48,12 +48,16 @@ class _GaveUpError(Exception):
     """The read this work was for has already answered 504: the rest of the work is not done."""
 
 
-def _prepare(data: bytes, invert: bool | None, max_pixels: int, gave_up: threading.Event) -> Preprocessed:
-    """Decode, then preprocess unless the read gave up meanwhile (runs on a preprocess thread)."""
+def _prepare(
+    data: bytes, invert: bool | None, max_pixels: int, gave_up: threading.Event
+) -> tuple[Preprocessed, torch.Tensor]:
+    """Decode, then preprocess unless the read gave up meanwhile, and make the network's input (all on a
+    preprocess thread, none of it on the event loop)."""
     gray = decode_gray(data, max_pixels=max_pixels)
     if gave_up.is_set():
         raise _GaveUpError()
-    return preprocess_gray(gray, invert=invert)
+    pre = preprocess_gray(gray, invert=invert)
+    return pre, pre.tensor
 
 
 # The promotion gate as the server sees it: (candidate, model in service or None) -> serve the candidate?
@@ -168,7 +172,7 @@ class ModelServer:
                             runtime.preprocess_pool,
                             functools.partial(decoded_pixels, data, max_pixels=self.api.read_max_pixels),
                         )
-                        pre = await self.admission.run(
+                        pre, tensor = await self.admission.run(
                             runtime.preprocess_pool,
                             functools.partial(_prepare, data, invert, self.api.read_max_pixels, gave_up),
                             heavy=pixels > HEAVY_DECODE_PIXELS,
@@ -176,7 +180,7 @@ class ModelServer:
                     finally:
                         self._preprocessing -= 1
                     future: asyncio.Future[tuple[list[float], LoadedModel]] = loop.create_future()
-                    runtime.queue.put_nowait(_Job(pre.tensor, future))
+                    runtime.queue.put_nowait(_Job(tensor, future))
                     probs, model = await future  # a read that gives up here is dropped from its batch
             except TimeoutError as exc:
                 gave_up.set()  # its thread, if still decoding, does not go on to preprocess
