@@ -28,6 +28,17 @@ from app.preprocess import CANVAS, to_tensor
 # Test-time augmentation: the image itself and four one-pixel shifts, probabilities averaged.
 TTA_SHIFTS: Final = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 
+# Batches of up to this many images run on one thread. With torch's threads waiting passively (see
+# app/__init__.py), waking a second thread for each layer costs more than it saves on so little work:
+# batch 1 of resnet_s2_w48 took 7.5 ms on 1 thread against 11.5 ms on 2, batch 2 11.1 against 16.1;
+# from batch 4 two threads win (2 AVX2 cores, `make bench-forward`).
+ONE_THREAD_ROWS: Final = 2
+
+
+def threads_for(rows: int, threads: int) -> int:
+    """The torch threads for a forward pass over `rows` images: one for a lone read, `threads` for a batch."""
+    return 1 if rows <= ONE_THREAD_ROWS else threads
+
 
 def pick_dtype(precision: str) -> torch.dtype | None:
     """API__PRECISION made concrete: the autocast dtype, or None for plain fp32."""

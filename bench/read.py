@@ -216,7 +216,7 @@ def profile_lone_read(arch: str, threads: int, repeats: int) -> dict[str, float]
     import torch
 
     from app.contracts import WEIGHTS_FILE, ManifestV1_1
-    from app.inference import forward_probs, pick_dtype
+    from app.inference import forward_probs, pick_dtype, threads_for
     from app.loading import load_candidate
     from app.network import build_model
     from app.preprocess import PREPROCESS_HASH, decode_gray, preprocess_gray
@@ -248,12 +248,13 @@ def profile_lone_read(arch: str, threads: int, repeats: int) -> dict[str, float]
         dtype = pick_dtype("auto")
         model = load_candidate(Path(tmp) / WEIGHTS_FILE, ManifestV1_1.model_validate_json(json.dumps(doc)),
                                dtype=dtype)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads_for(1, threads))  # as the server runs a lone read
     forward_ms = median_ms(lambda: forward_probs(model.net, tensor, 1.0, tta=False, dtype=dtype))
     return {"decode": decode_ms, "preprocess": pre_ms, "forward": forward_ms}
 
 
 def main() -> None:
+    from app.inference import threads_for
     from app.network import ARCHS, DEFAULT_ARCH, LEGACY_ARCH, available_cores
     from bench.cpu import cpu_line, cpu_tag
 
@@ -297,7 +298,9 @@ def main() -> None:
               f"512px c=1 p50 {percentile(sorted(by[(last + ' 512px', 1)].latencies), 50):.1f} ms vs "
               f"{percentile(sorted(by[(first + ' 512px', 1)].latencies), 50):.1f} ms  {tag}")
     threads = args.threads or available_cores()
-    print(f"\nwhere a lone 512x512 JPEG read spends its time (median ms; forward at {threads} threads)  {tag}")
+    lone = threads_for(1, threads)
+    print(f"\nwhere a lone 512x512 JPEG read spends its time (median ms; forward on {lone} of {threads} threads)"
+          f"  {tag}")
     print(f"{'arch':<16}{'decode':>8}{'prep':>8}{'forward':>9}{'http+rest':>10}{'p50 e2e':>9}")
     for arch in args.arch:
         parts = profile_lone_read(arch, threads, repeats=100)
