@@ -12,6 +12,7 @@ from typing import Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import BaseModel
 
 NOT_READY_MESSAGE: Final = (
     "no model is loaded yet. Get one by running `make run` (it trains a first model), by POST /v1/train "
@@ -42,14 +43,20 @@ class ReadOverloadedError(Exception):
         super().__init__(self.message)
 
 
-@dataclass(frozen=True, slots=True)
-class Prediction:
+class Reading(BaseModel):
+    """A read's answer, as `POST /v1/read` returns it (app.routes.read adds its own fields) and `/read` tells it."""
+
     digit: int
     confidence: float
     probs: list[float]
     model_id: str
     version: str
     uncertain: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    reading: Reading
     preview: npt.NDArray[np.uint8]  # 28x28, what the model saw
 
 

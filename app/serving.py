@@ -34,7 +34,7 @@ from app.inference import TTA_SHIFTS, forward_probs, pick_dtype, threads_for
 from app.loading import CandidateError, LoadedModel, load_candidate
 from app.network import available_cores
 from app.observability import ACTIVE_MODEL, FAILED_ACTIVATIONS, MODEL_SWAPS
-from app.prediction import ModelNotReadyError, Prediction, PredictionTimeoutError
+from app.prediction import ModelNotReadyError, Prediction, PredictionTimeoutError, Reading
 from app.preprocess import Preprocessed, preprocess_gray
 from app.store import ActivePointer, ModelStore, StorageFullError, StoredVersion, VersionNotFoundError
 from config.settings import Settings
@@ -187,15 +187,9 @@ class ModelServer:
                 raise PredictionTimeoutError(self.api.read_timeout_s) from exc
         digit = max(range(len(probs)), key=probs.__getitem__)
         confidence = probs[digit]
-        return Prediction(
-            digit=digit,
-            confidence=confidence,
-            probs=probs,
-            model_id=model.manifest.model_id,
-            version=model.manifest.version,
-            uncertain=confidence < self.api.uncertain_below,
-            preview=pre.preview,
-        )
+        reading = Reading(digit=digit, confidence=confidence, probs=probs, model_id=model.manifest.model_id,
+                          version=model.manifest.version, uncertain=confidence < self.api.uncertain_below)
+        return Prediction(reading, pre.preview)
 
     # --- changing the served model ---
 

@@ -61,7 +61,7 @@ def test_a_timed_out_read_is_neither_preprocessed_nor_batched(tmp_path: Path, mo
                 await asyncio.sleep(0.01)
             assert calls == {"preprocess": 0, "forward": 0}
             server.api = server.api.model_copy(update={"read_timeout_s": 30.0})
-            assert (await server.read_digit(digit_png())).digit == 7
+            assert (await server.read_digit(digit_png())).reading.digit == 7
             assert calls == {"preprocess": 1, "forward": 1}
         finally:
             await server.stop()
@@ -82,7 +82,7 @@ def test_reads_beyond_the_queue_are_refused_at_once(tmp_path: Path) -> None:
                 await server.read_digit(digit_png())
             assert refused.value.retry_after_s == 1
             await asyncio.gather(*slow, return_exceptions=True)
-            assert (await server.read_digit(digit_png())).digit == 7  # room again
+            assert (await server.read_digit(digit_png())).reading.digit == 7  # room again
         finally:
             await server.stop()
 
@@ -115,7 +115,7 @@ def test_heavy_decodes_leave_a_thread_for_ordinary_reads(tmp_path: Path, monkeyp
             await asyncio.sleep(0.2)
             assert len(started) == workers - 1  # one thread is kept from heavy work ...
             light = await asyncio.wait_for(server.read_digit(digit_png()), 30)
-            assert light.digit == 7  # ... and an ordinary read is answered on it meanwhile
+            assert light.reading.digit == 7  # ... and an ordinary read is answered on it meanwhile
             finish.set()
             outcomes = await asyncio.gather(*heavies, return_exceptions=True)
             assert all(isinstance(o, PreprocessError) for o in outcomes)  # blank, once decoded

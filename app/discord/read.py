@@ -28,8 +28,8 @@ from app.discord.train import format_wait
 from app.prediction import (
     DigitReader,
     ModelNotReadyError,
-    Prediction,
     PredictionTimeoutError,
+    Reading,
     ReadOverloadedError,
 )
 from app.preprocess import PreprocessError, sniff_image_type
@@ -44,7 +44,7 @@ MSG_UNCERTAIN_HINT: Final = (
 log = logging.getLogger("app.discord")
 
 
-def format_prediction(pred: Prediction) -> str:
+def format_prediction(pred: Reading) -> str:
     ranked = sorted(range(len(pred.probs)), key=lambda i: pred.probs[i], reverse=True)[:3]
     top3 = " · ".join(f"{i} ({pred.probs[i]:.1%})" for i in ranked)
     lines = [
@@ -132,4 +132,4 @@ class ReadCommand:
         except Exception:
             log.exception("reading a Discord attachment failed")
             return f"Something went wrong reading that image (request id `{request_id}`)."
-        return format_prediction(prediction)
+        return format_prediction(prediction.reading)

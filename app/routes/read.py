@@ -16,13 +16,13 @@ from typing import Annotated, Final
 import numpy as np
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from PIL import Image
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BeforeValidator, Field
 
 from app.body_limit import body_limit_route
 from app.deps import ModelsDep, RedisDep, SettingsDep, get_models
 from app.errors import ApiError, documented_errors, not_ready
 from app.observability import READ_LATENCY
-from app.prediction import ModelNotReadyError, PredictionTimeoutError, ReadOverloadedError
+from app.prediction import ModelNotReadyError, PredictionTimeoutError, Reading, ReadOverloadedError
 from app.preprocess import U8, PreprocessError
 from config.settings import Settings
 
@@ -60,13 +60,7 @@ def _auto_is_none(value: object) -> object:
 Invert = Annotated[bool | None, BeforeValidator(_auto_is_none), Query(description="true, false or auto (default)")]
 
 
-class ReadResponse(BaseModel):
-    digit: int
-    confidence: float
-    probs: list[float]
-    model_id: str
-    version: str
-    uncertain: bool
+class ReadResponse(Reading):
     latency_ms: int = Field(description="whole milliseconds the read took on the server")
     visual_png_b64: str | None = None
 
@@ -123,13 +117,4 @@ async def read_digit(
     visual = base64.b64encode(visual_png(prediction.preview)).decode("ascii") if visualize else None
     elapsed = time.perf_counter() - started
     READ_LATENCY.observe(elapsed)
-    return ReadResponse(
-        digit=prediction.digit,
-        confidence=prediction.confidence,
-        probs=prediction.probs,
-        model_id=prediction.model_id,
-        version=prediction.version,
-        uncertain=prediction.uncertain,
-        latency_ms=round(elapsed * 1000),
-        visual_png_b64=visual,
-    )
+    return ReadResponse(**prediction.reading.model_dump(), latency_ms=round(elapsed * 1000), visual_png_b64=visual)
