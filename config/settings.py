@@ -109,6 +109,8 @@ class TrainSettings(BaseModel):
     precision: str = Field(default="auto", pattern=r"^(auto|fp32|bf16|fp16)$",
                            description="auto: bf16 where the CPU has native bf16, bf16/fp16 on CUDA, else fp32")
     progress_every: int = Field(default=20, ge=1, description="batches between progress events")
+    batch_views: int = Field(default=2, ge=1, le=8, description="optimiser steps taken on each batch, each on its "
+                             "own random augmentation of it (the batch is one step of progress however many)")
     noise_prob: float = Field(default=0.0, ge=0, le=1, description="salt/pepper per-pixel probability")
     dots_prob: float = Field(default=0.0, ge=0, le=1, description="share of images given dots/occlusions")
     blur_prob: float = Field(default=0.0, ge=0, le=1, description="share of images blurred")

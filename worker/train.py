@@ -4,6 +4,11 @@ Speed comes from doing less: the images stay uint8 tensors in memory (on the GPU
 a batch is one index + one batched augmentation, the model runs channels_last under autocast where
 the hardware has fast low precision (bf16 on CPUs with native support, bf16/fp16 on CUDA), and the
 optimiser and schedule (AdamW + one-cycle) suit the default one-epoch job.
+
+Each batch is learnt from `TRAIN__BATCH_VIEWS` times (default 2), each time under its own random
+augmentation: one epoch of the default job is then 428 optimiser steps instead of 214, which took
+its MNIST test accuracy from 99.25% to ~99.4% on average over seeds (README, "The two networks side by side").
+Progress still counts batches of data.
 """
 
 from __future__ import annotations
@@ -128,6 +133,16 @@ def to_unit(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.to(torch.float32).div_(255.0).unsqueeze(1)
 
 
+def augmented_view(images: torch.Tensor, augment: bool, settings: TrainSettings, gen: torch.Generator) -> torch.Tensor:
+    """A batch as the network learns from it: the random affine (when the job augments), the TRAIN__*_PROB
+    modifiers, normalised, channels_last. Each call draws new random choices from `gen`."""
+    x = to_unit(images)
+    if augment:
+        x = random_affine(x, gen)
+    x = apply_modifiers(x, settings, gen)
+    return normalise(x).contiguous(memory_format=torch.channels_last)
+
+
 def predict_logits(
     model: nn.Module, images_u8: torch.Tensor, device: torch.device, dtype: torch.dtype | None
 ) -> torch.Tensor:
@@ -178,14 +193,14 @@ def train(
     n = len(train_x)
     batch_size = min(job.batch_size, n)
     steps = max(1, n // batch_size)  # the ragged tail is dropped; the next epoch's shuffle covers it
-    total_steps = steps * job.epochs
+    total_steps = steps * job.epochs  # batches; the optimiser takes batch_views steps on each
 
     model = build_model(settings.arch).to(device).to(memory_format=torch.channels_last)
     lr = job.lr * ARCHS[settings.arch].lr_scale
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=total_steps, pct_start=WARMUP_FRACTION, div_factor=10.0,
-        final_div_factor=100.0,
+        optimizer, max_lr=lr, total_steps=total_steps * settings.batch_views, pct_start=WARMUP_FRACTION,
+        div_factor=10.0, final_div_factor=100.0,
     )
 
     best_acc, best_epoch = -1.0, 0
@@ -201,26 +216,25 @@ def train(
         running = loss_sum = 0.0
         for step in range(steps):
             idx = order[step]
-            t_aug = time.perf_counter()
-            x = to_unit(train_x[idx])
-            if job.augment:
-                x = random_affine(x, gen)
-            x = apply_modifiers(x, settings, gen)
-            x = normalise(x).contiguous(memory_format=torch.channels_last)
-            augment_seconds += time.perf_counter() - t_aug
             y = train_y[idx]
+            batch_loss = 0.0
+            for _ in range(settings.batch_views):  # each view its own augmentation of the same images
+                t_aug = time.perf_counter()
+                x = augmented_view(train_x[idx], job.augment, settings, gen)
+                augment_seconds += time.perf_counter() - t_aug
 
-            with _autocast(device, dtype):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=LABEL_SMOOTHING)
-            optimizer.zero_grad(set_to_none=True)
-            torch.autograd.backward(scaler.scale(loss))
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
+                with _autocast(device, dtype):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=LABEL_SMOOTHING)
+                optimizer.zero_grad(set_to_none=True)
+                torch.autograd.backward(scaler.scale(loss))
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                batch_loss += float(loss.detach()) / settings.batch_views
 
             done += 1
-            loss_value = float(loss.detach())
+            loss_value = batch_loss
             loss_sum += loss_value
             running = loss_value if step == 0 else 0.9 * running + 0.1 * loss_value
             if on_progress is not None and ((step + 1) % settings.progress_every == 0 or step + 1 == steps):
