@@ -68,7 +68,7 @@ class ApiSettings(BaseModel):
     )
     # 0.8: on our photo set the default job's calibrated confidence flags 56% of its wrong answers and 2.6% of
     # its right ones there (0.7: 44% / 1.7%; 0.9: 77% / 4.0%). README, "Reading photos".
-    uncertain_below: float = Field(default=0.80, ge=0, le=1)
+    uncertain_below: float = Field(default=0.90, ge=0, le=1)
     tta: bool = False
     batch_max: int = Field(default=32, ge=1, le=512)
     batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
