@@ -66,8 +66,8 @@ class ApiSettings(BaseModel):
     read_queue_max: int = Field(
         default=64, ge=1, description="reads admitted at once (waiting or running); one more answers 503 overloaded"
     )
-    # 0.8: on our photo set the default job's calibrated confidence flags 56% of its wrong answers and 2.6% of
-    # its right ones there (0.7: 44% / 1.7%; 0.9: 77% / 4.0%). README, "Reading photos".
+    # 0.9: on our photo set the default job's calibrated confidence (seeds 42, 1, 2, 3) flags 60-74% of its
+    # wrong answers and 1.7-3.3% of its right ones (0.8: 43-55% / 1.1-1.9%). README, "Reading photos".
     uncertain_below: float = Field(default=0.90, ge=0, le=1)
     tta: bool = False
     batch_max: int = Field(default=32, ge=1, le=512)
