@@ -87,8 +87,8 @@ MUTANTS: Final[tuple[Mutant, ...]] = (
     ),
     Mutant(
         "augment=true ignored by training", "worker/train.py",
-        (("            if job.augment:\n                x = random_affine(x, gen)",
-          "            if False:\n                x = random_affine(x, gen)"),),
+        (("    if augment:\n        x = random_affine(x, gen)",
+          "    if False:\n        x = random_affine(x, gen)"),),
         ("tests/test_worker_train.py::test_augment_changes_what_the_network_sees_and_off_it_sees_the_images_as_they_are",),
     ),
     # --- the three issue 16 found guarded by a single test ---
