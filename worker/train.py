@@ -193,13 +193,13 @@ def train(
     n = len(train_x)
     batch_size = min(job.batch_size, n)
     steps = max(1, n // batch_size)  # the ragged tail is dropped; the next epoch's shuffle covers it
-    total_steps = steps * job.epochs  # batches; the optimiser takes batch_views steps on each
+    total_batches = steps * job.epochs  # the optimiser takes batch_views steps on each
 
     model = build_model(settings.arch).to(device).to(memory_format=torch.channels_last)
     lr = job.lr * ARCHS[settings.arch].lr_scale
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=total_steps * settings.batch_views, pct_start=WARMUP_FRACTION,
+        optimizer, max_lr=lr, total_steps=total_batches * settings.batch_views, pct_start=WARMUP_FRACTION,
         div_factor=10.0, final_div_factor=100.0,
     )
 
@@ -216,11 +216,11 @@ def train(
         running = loss_sum = 0.0
         for step in range(steps):
             idx = order[step]
-            y = train_y[idx]
+            images, y = train_x[idx], train_y[idx]
             batch_loss = 0.0
             for _ in range(settings.batch_views):  # each view its own augmentation of the same images
                 t_aug = time.perf_counter()
-                x = augmented_view(train_x[idx], job.augment, settings, gen)
+                x = augmented_view(images, job.augment, settings, gen)
                 augment_seconds += time.perf_counter() - t_aug
 
                 with _autocast(device, dtype):
@@ -239,12 +239,12 @@ def train(
             running = loss_value if step == 0 else 0.9 * running + 0.1 * loss_value
             if on_progress is not None and ((step + 1) % settings.progress_every == 0 or step + 1 == steps):
                 elapsed = time.perf_counter() - epoch_started
-                per_step = (time.perf_counter() - loop_started) / done
+                per_batch = (time.perf_counter() - loop_started) / done
                 batch_acc = float((logits.detach().argmax(dim=1) == y).float().mean())
                 on_progress(Progress(
                     epoch=epoch, total_epochs=job.epochs, batch=step + 1, total_batches=steps,
                     loss=round(running, 5), samples_per_sec=round((step + 1) * batch_size / max(elapsed, 1e-9), 2),
-                    pct=round(100.0 * done / total_steps, 2), eta_s=round(per_step * (total_steps - done), 1),
+                    pct=round(100.0 * done / total_batches, 2), eta_s=round(per_batch * (total_batches - done), 1),
                     batch_loss=round(loss_value, 5), batch_acc=round(batch_acc, 5),
                     avg_loss=round(loss_sum / (step + 1), 5),
                 ))
