@@ -35,8 +35,10 @@ TTA_SHIFTS: Final = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 ONE_THREAD_ROWS: Final = 2
 
 
-def threads_for(rows: int, threads: int) -> int:
-    """The torch threads for a forward pass over `rows` images: one for a lone read, `threads` for a batch."""
+def threads_for(images: int, threads: int, *, tta: bool = False) -> int:
+    """The torch threads for a forward pass over `images` (each run TTA_SHIFTS times under `tta`): one for a
+    lone read, `threads` for a batch."""
+    rows = images * len(TTA_SHIFTS) if tta else images
     return 1 if rows <= ONE_THREAD_ROWS else threads
 
 

@@ -30,7 +30,7 @@ import torch
 from app.admission import ReadAdmission
 from app.contracts import WEIGHTS_FILE, ManifestV1_1
 from app.decode import HEAVY_DECODE_PIXELS, decode_gray, decoded_pixels
-from app.inference import TTA_SHIFTS, forward_probs, pick_dtype, threads_for
+from app.inference import forward_probs, pick_dtype, threads_for
 from app.loading import CandidateError, LoadedModel, load_candidate
 from app.network import available_cores
 from app.observability import ACTIVE_MODEL, FAILED_ACTIVATIONS, MODEL_SWAPS
@@ -388,7 +388,7 @@ class ModelServer:
 
     def _forward(self, model: LoadedModel, tensors: list[torch.Tensor]) -> list[list[float]]:
         batch = torch.cat(tensors)
-        threads = threads_for(len(tensors) * (len(TTA_SHIFTS) if self.api.tta else 1), self.threads)
+        threads = threads_for(len(tensors), self.threads, tta=self.api.tta)
         if torch.get_num_threads() != threads:  # this is the inference thread: set here, it holds for the next
             torch.set_num_threads(threads)
         probs = forward_probs(model.net, batch, model.manifest.temperature, tta=self.api.tta, dtype=self.dtype)
