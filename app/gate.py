@@ -33,7 +33,7 @@ import torch
 from app.contracts import GateDecision, GateReport
 from app.files import write_atomic
 from app.gate_set import GATE_NICE, GateSet, GateStoppedError, cached_or_built, gate_key
-from app.inference import forward_probs
+from app.inference import ServedNet, forward_probs, on_this_thread
 from app.loading import LoadedModel
 from app.mnist import MnistUnavailableError
 from app.network import available_cores
@@ -55,7 +55,7 @@ class Measured:
     seconds: float
 
 
-def accuracy(net: torch.nn.Module, gate_set: GateSet) -> float:
+def accuracy(net: ServedNet, gate_set: GateSet) -> float:
     """Share of the set the network reads right (fp32, no test-time augmentation: both models alike)."""
     correct = 0
     labels = torch.from_numpy(gate_set.labels)
@@ -207,7 +207,7 @@ class PromotionGate:
             if 0.0 <= score <= 1.0:
                 self._scores[(gate_set.key, weights)] = score
                 return score
-        score = accuracy(model.net, gate_set)
+        score = accuracy(on_this_thread(model.net), gate_set)
         self._scores[(gate_set.key, weights)] = score
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,23 +1,31 @@
 """The forward pass of a served model: prepared once when the model loads, cheap on every batch.
 
-`prepare` turns a loaded network into what answers reads: eval mode, no gradients, every batch norm folded
-into the convolution before it, channels_last. `forward_probs` runs it under inference mode, in
-bf16 autocast only where the CPU has native bf16 (elsewhere bf16 is emulated and slower than fp32).
+`prepare` turns a loaded network into what answers reads. Every batch norm is folded into the convolution
+before it; then, in fp32 (every CPU without native bf16), the network is exported to ONNX in memory and run by
+ONNX Runtime: one graph, no per-layer Python, and its own convolution kernels, which at batch 1 took 2.2 ms
+against 6.3 ms for eager channels_last PyTorch on 2 AVX2 cores (`make bench-forward`). Where the CPU has native
+bf16 (`API__PRECISION=auto` there, or `bf16`), the folded torch network is served in bf16 autocast instead,
+since ONNX Runtime's CPU kernels have no bf16 convolution.
 
-Not TorchScript: `torch.jit.script` + `freeze` was 0.3 ms faster at batch 1 (2 at batch 16) on 2 AVX2
-cores, but each frozen model stays in TorchScript's global compilation unit with its weights as constants,
-so every hot reload grew the API by ~30 MB for good (+507 MiB in a 5-minute soak with an upload every
-20 s). Nor torch.fx's fusion pass: symbolic tracing patches `nn.Module.__call__` for the whole process
-while it runs, so a model loading beside reads broke them. The folding below walks the module tree instead.
-The figures are in the README's benchmarks (`make bench-forward`, `make bench-soak`).
+The export is made here from weights that were loaded safely (`torch.load(weights_only=True)`); no ONNX file is
+ever read from outside. Not TorchScript `freeze`: each frozen model stayed in TorchScript's global compilation
+unit, so every hot reload grew the API by ~30 MB for good; nor torch.fx, whose tracing patches
+`nn.Module.__call__` for the whole process while it runs. The tracing export keeps memory flat model after
+model (tests/test_archs.py).
 """
 
 from __future__ import annotations
 
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Final
 
 import numpy as np
+import onnxruntime
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -25,11 +33,21 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from app.network import cpu_has_fast_bf16
 from app.preprocess import CANVAS, to_tensor
 
+# What answers a batch: N x 1 x 28 x 28 (fp32) -> N x classes logits. A torch module, or an OnnxNet.
+ServedNet = Callable[[torch.Tensor], torch.Tensor]
+
+# torch announces the deprecation of its TorchScript-based exporter on every export; it is the exporter that
+# needs no onnxscript, and it is what torch 2.14.1 (pinned) ships.
+warnings.filterwarnings("ignore", message=r"You are using the legacy TorchScript-based ONNX export",
+                        category=DeprecationWarning)
+warnings.filterwarnings("ignore", message=r"The feature will be removed", category=DeprecationWarning,
+                        module=r"torch\.onnx")
+
 # Test-time augmentation: the image itself and four one-pixel shifts, probabilities averaged.
 TTA_SHIFTS: Final = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 
-# Batches of up to this many images run on one thread. With torch's threads waiting passively (see
-# app/__init__.py), waking a second thread for each layer costs more than it saves on so little work:
+# On the torch path (bf16), batches of up to this many images run on one thread. With torch's threads waiting
+# passively (see app/__init__.py), waking a second thread for each layer costs more than it saves on so little work:
 # batch 1 of resnet_s2_w48 took 7.5 ms on 1 thread against 11.5 ms on 2, batch 2 11.1 against 16.1;
 # from batch 4 two threads win (2 AVX2 cores, `make bench-forward`).
 ONE_THREAD_ROWS: Final = 2
@@ -37,7 +55,7 @@ ONE_THREAD_ROWS: Final = 2
 
 def threads_for(images: int, threads: int, *, tta: bool = False) -> int:
     """The torch threads for a forward pass over `images` (each run TTA_SHIFTS times under `tta`): one for a
-    lone read, `threads` for a batch."""
+    lone read, `threads` for a batch. (An OnnxNet runs on the threads it was made with, whatever this says.)"""
     rows = images * len(TTA_SHIFTS) if tta else images
     return 1 if rows <= ONE_THREAD_ROWS else threads
 
@@ -57,13 +75,56 @@ def smoke_input() -> torch.Tensor:
     return to_tensor(np.stack([blank, one]))
 
 
-def prepare(net: nn.Module) -> nn.Module:
-    """A loaded network, ready to serve: eval, no gradients, batch norms folded, channels_last."""
+def prepare(net: nn.Module, *, dtype: torch.dtype | None = None, threads: int = 1) -> ServedNet:
+    """A loaded network, ready to serve: eval, no gradients, batch norms folded; then an OnnxNet on `threads`
+    threads in fp32, or the torch network in channels_last for bf16 autocast (`dtype`)."""
     net.eval()
     for param in net.parameters():
         param.requires_grad_(False)
     fold_batch_norms(net)
+    if dtype is None:
+        return OnnxNet(to_onnx(net), threads)
     return net.to(memory_format=torch.channels_last)
+
+
+# torch's exporter keeps its state in module globals: one export at a time (models load on several threads).
+_EXPORTING: Final = threading.Lock()
+
+
+def to_onnx(net: nn.Module) -> bytes:
+    """An eval-mode network as an ONNX model (any batch size), made in memory."""
+    with _EXPORTING, tempfile.TemporaryDirectory(prefix="onnx-") as tmp:  # torch's exporter writes to a path
+        path = Path(tmp) / "model.onnx"
+        torch.onnx.export(net, (torch.zeros(1, 1, CANVAS, CANVAS),), path, input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}}, dynamo=False)
+        return path.read_bytes()
+
+
+class OnnxNet:
+    """An ONNX model run by ONNX Runtime on the CPU, called as a torch module is: a batch in, logits out.
+
+    Its `threads` run each call (the caller and threads - 1 of ONNX Runtime's own, which wait passively between
+    calls, so that they leave the cores to preprocessing). Calls from several threads at once are safe.
+    """
+
+    def __init__(self, model: bytes, threads: int) -> None:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.model = model
+        self.threads = threads
+        self._session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        outputs = self._session.run(None, {"image": batch.contiguous().numpy()})
+        return torch.from_numpy(np.asarray(outputs[0], dtype=np.float32))
+
+
+def on_this_thread(net: ServedNet) -> ServedNet:
+    """`net` for work in the background: an OnnxNet is copied to run on the calling thread alone (ONNX Runtime's
+    own threads would not share the caller's low priority); a torch module runs on the caller's torch threads."""
+    return OnnxNet(net.model, 1) if isinstance(net, OnnxNet) and net.threads > 1 else net
 
 
 def fold_batch_norms(net: nn.Module) -> None:
@@ -89,7 +150,7 @@ def _autocast(dtype: torch.dtype | None) -> AbstractContextManager[object]:
 
 
 def forward_probs(
-    net: nn.Module, batch: torch.Tensor, temperature: float, *, tta: bool, dtype: torch.dtype | None = None
+    net: ServedNet, batch: torch.Tensor, temperature: float, *, tta: bool, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """Probabilities (N x classes, fp32) for a normalised N x 1 x 28 x 28 batch."""
     with torch.inference_mode(), _autocast(dtype):

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from app.contracts import N_CLASSES, ManifestV1_1
-from app.inference import forward_probs, prepare, smoke_input
+from app.inference import ServedNet, forward_probs, prepare, smoke_input
 from app.network import ARCHS, build_model
 
 
@@ -29,7 +28,7 @@ class CandidateError(Exception):
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
     manifest: ManifestV1_1
-    net: nn.Module
+    net: ServedNet
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -51,9 +50,11 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return {str(key): value for key, value in loaded.items()}
 
 
-def load_candidate(weights: Path, manifest: ManifestV1_1, *, dtype: torch.dtype | None = None) -> LoadedModel:
+def load_candidate(
+    weights: Path, manifest: ManifestV1_1, *, dtype: torch.dtype | None = None, threads: int = 1
+) -> LoadedModel:
     """Load as the manifest's arch, check, prepare for inference, and smoke-test a model (in `dtype`, the
-    precision it will serve in).
+    precision it will serve in, on the `threads` each forward pass gets).
 
     Raises CandidateError with the reason a human needs; never runs code from the weights file.
     """
@@ -70,10 +71,10 @@ def load_candidate(weights: Path, manifest: ManifestV1_1, *, dtype: torch.dtype 
         detail = " ".join(str(exc).split())[:400]
         raise CandidateError("weights_mismatch", f"the weights do not fit arch {manifest.arch!r}: {detail}") from exc
     try:
-        net = prepare(net)
-        probs = forward_probs(net, smoke_input(), manifest.temperature, tta=False, dtype=dtype)
+        served = prepare(net, dtype=dtype, threads=threads)
+        probs = forward_probs(served, smoke_input(), manifest.temperature, tta=False, dtype=dtype)
     except Exception as exc:  # whatever breaks the forward pass refuses the model
         raise CandidateError("smoke_test_failed", f"a smoke prediction failed: {exc}") from exc
     if probs.shape != (2, manifest.n_classes) or not bool(torch.isfinite(probs).all()):
         raise CandidateError("smoke_test_failed", "a smoke prediction gave non-finite or misshapen probabilities")
-    return LoadedModel(manifest=manifest, net=net)
+    return LoadedModel(manifest=manifest, net=served)

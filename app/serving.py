@@ -294,7 +294,7 @@ class ModelServer:
 
     async def _load(self, weights: Path, manifest: ManifestV1_1) -> LoadedModel:
         """`load_candidate` off the event loop, smoke-tested in the precision reads will use."""
-        return await asyncio.to_thread(load_candidate, weights, manifest, dtype=self.dtype)
+        return await asyncio.to_thread(load_candidate, weights, manifest, dtype=self.dtype, threads=self.threads)
 
     def _install(self, model: LoadedModel) -> None:
         previous = self._current

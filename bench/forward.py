@@ -2,9 +2,9 @@
 
 For today's network and the new one side by side, times one forward pass (the median of many, after a
 warm-up) at batch 1 and batch 16 for: eager PyTorch (eval, channels_last, inference mode), batch norms
-folded into the convolutions (what `app.inference.prepare` serves), and TorchScript script + freeze (a little faster,
-but it keeps every model it freezes for good: see app/inference.py); in fp32, and in bf16 autocast where the
-CPU has native bf16 (`--bf16` forces it elsewhere, where it is emulated).
+folded into the convolutions (what `app.inference.prepare` serves in bf16), and that folded network exported
+to ONNX and run by ONNX Runtime (what it serves in fp32); the torch paths in fp32, and in bf16 autocast where
+the CPU has native bf16 (`--bf16` forces it elsewhere, where it is emulated).
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from app.inference import forward_probs, prepare
+from app.inference import OnnxNet, ServedNet, fold_batch_norms, forward_probs, to_onnx
 from app.network import DEFAULT_ARCH, LEGACY_ARCH, available_cores, build_model, cpu_has_fast_bf16
 from bench.cpu import cpu_line
 
@@ -30,18 +29,17 @@ def eager(arch: str) -> nn.Module:
     return net.to(memory_format=torch.channels_last)
 
 
-def served(arch: str) -> nn.Module:
-    return prepare(build_model(arch))
+def folded(arch: str) -> nn.Module:
+    net = eager(arch)
+    fold_batch_norms(net)
+    return net
 
 
-def frozen(arch: str) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notices
-        scripted: nn.Module = torch.jit.freeze(torch.jit.script(eager(arch)))
-    return scripted
+def onnx_runtime(arch: str) -> ServedNet:
+    return OnnxNet(to_onnx(folded(arch)), torch.get_num_threads())
 
 
-def time_ms(net: nn.Module, batch: int, dtype: torch.dtype | None, seconds: float) -> float:
+def time_ms(net: ServedNet, batch: int, dtype: torch.dtype | None, seconds: float) -> float:
     x = torch.randn(batch, 1, 28, 28)
     for _ in range(5):
         forward_probs(net, x, 1.0, tta=False, dtype=dtype)
@@ -67,18 +65,18 @@ def main() -> None:
         dtypes.append(torch.bfloat16)
     print(cpu_line())
     print(f"{torch.get_num_threads()} threads; median forward time per call (ms), softmax included")
-    print(f"{'arch':<14}{'path':<24}{'precision':<10}{'batch 1':>9}{'batch 16':>10}{'per img@16':>11}")
-    paths: dict[str, Callable[[str], nn.Module]] = {
-        "eager": eager, "BN folded (served)": served, "script+freeze": frozen,
+    print(f"{'arch':<14}{'path':<28}{'precision':<10}{'batch 1':>9}{'batch 16':>10}{'per img@16':>11}")
+    paths: dict[str, Callable[[str], ServedNet]] = {
+        "eager": eager, "BN folded (served bf16)": folded, "ONNX Runtime (served fp32)": onnx_runtime,
     }
     for arch in (LEGACY_ARCH, DEFAULT_ARCH):
         for path, make in paths.items():
             net = make(arch)
-            for dtype in dtypes:
+            for dtype in dtypes if isinstance(net, nn.Module) else [None]:
                 one = time_ms(net, 1, dtype, args.seconds)
                 sixteen = time_ms(net, 16, dtype, args.seconds)
                 precision = "fp32" if dtype is None else "bf16"
-                print(f"{arch:<14}{path:<24}{precision:<10}{one:>9.2f}{sixteen:>10.2f}{sixteen / 16:>11.2f}",
+                print(f"{arch:<14}{path:<28}{precision:<10}{one:>9.2f}{sixteen:>10.2f}{sixteen / 16:>11.2f}",
                       flush=True)
 
 

@@ -212,7 +212,7 @@ def bench(url: str, label: str, concurrencies: list[int], total: int, n_images: 
 
 def profile_lone_read(arch: str, threads: int, repeats: int) -> dict[str, float]:
     """Median ms of each part of a lone 512x512 JPEG read, in this process: decode, the preprocessing after
-    decoding (1 thread, as in the server's pool), and the served forward pass at batch 1."""
+    decoding (1 thread, as in the server's pool), and the served forward pass at batch 1 (ONNX Runtime in fp32)."""
     import torch
 
     from app.contracts import WEIGHTS_FILE, ManifestV1_1
@@ -247,14 +247,13 @@ def profile_lone_read(arch: str, threads: int, repeats: int) -> dict[str, float]
                "created_at": datetime.now(UTC).isoformat(), "preprocess_hash": PREPROCESS_HASH, "val_acc": 0.0}
         dtype = pick_dtype("auto")
         model = load_candidate(Path(tmp) / WEIGHTS_FILE, ManifestV1_1.model_validate_json(json.dumps(doc)),
-                               dtype=dtype)
-    torch.set_num_threads(threads_for(1, threads))  # as the server runs a lone read
+                               dtype=dtype, threads=threads)
+    torch.set_num_threads(threads_for(1, threads))  # as the server runs a lone read (bf16 runs on torch's threads)
     forward_ms = median_ms(lambda: forward_probs(model.net, tensor, 1.0, tta=False, dtype=dtype))
     return {"decode": decode_ms, "preprocess": pre_ms, "forward": forward_ms}
 
 
 def main() -> None:
-    from app.inference import threads_for
     from app.network import ARCHS, DEFAULT_ARCH, LEGACY_ARCH, available_cores
     from bench.cpu import cpu_line, cpu_tag
 
@@ -298,8 +297,7 @@ def main() -> None:
               f"512px c=1 p50 {percentile(sorted(by[(last + ' 512px', 1)].latencies), 50):.1f} ms vs "
               f"{percentile(sorted(by[(first + ' 512px', 1)].latencies), 50):.1f} ms  {tag}")
     threads = args.threads or available_cores()
-    lone = threads_for(1, threads)
-    print(f"\nwhere a lone 512x512 JPEG read spends its time (median ms; forward on {lone} of {threads} threads)"
+    print(f"\nwhere a lone 512x512 JPEG read spends its time (median ms; {threads} threads, forward as served)"
           f"  {tag}")
     print(f"{'arch':<16}{'decode':>8}{'prep':>8}{'forward':>9}{'http+rest':>10}{'p50 e2e':>9}")
     for arch in args.arch:

@@ -20,7 +20,7 @@ import torch
 from torchvision.models import ResNet
 
 from app.contracts import WEIGHTS_FILE, ManifestV1_1
-from app.inference import TTA_SHIFTS, forward_probs, prepare, smoke_input
+from app.inference import TTA_SHIFTS, OnnxNet, forward_probs, on_this_thread, prepare, smoke_input
 from app.loading import CandidateError, load_candidate
 from app.network import ARCHS, DEFAULT_ARCH, LEGACY_ARCH, DigitResNet, build_model
 from app.preprocess import preprocess
@@ -82,17 +82,22 @@ def test_an_unknown_train_arch_is_refused_at_start_with_the_known_ones(monkeypat
 
 
 @pytest.mark.parametrize("arch", [DEFAULT_ARCH, LEGACY_ARCH])
-def test_the_prepared_network_answers_as_the_eager_one_at_every_batch_size(arch: str) -> None:
+def test_the_served_network_answers_as_the_eager_one_at_every_batch_size(arch: str) -> None:
+    """fp32 serving runs the network, batch norms folded, exported to ONNX and run by ONNX Runtime."""
     torch.manual_seed(1)
     eager = build_model(arch).eval()
     twin = build_model(arch)
     twin.load_state_dict(eager.state_dict())
-    served = prepare(twin)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in served.modules())  # every one folded
+    served = prepare(twin, threads=2)
+    assert isinstance(served, OnnxNet)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in twin.modules())  # every one folded first
+    alone = on_this_thread(served)  # the gate's copy, on its caller's thread
+    assert isinstance(alone, OnnxNet) and alone.threads == 1
     for n in (1, 3, 32):
         batch = torch.randn(n, 1, 28, 28)
         want = forward_probs(eager, batch, 1.0, tta=False)
         torch.testing.assert_close(forward_probs(served, batch, 1.0, tta=False), want, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(forward_probs(alone, batch, 1.0, tta=False), want, atol=1e-4, rtol=1e-3)
     want_tta = forward_probs(eager, batch, 1.0, tta=True)
     assert want_tta.shape == (32, 10) and len(TTA_SHIFTS) == 5
     torch.testing.assert_close(forward_probs(served, batch, 1.0, tta=True), want_tta, atol=1e-4, rtol=1e-3)
