@@ -67,7 +67,7 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads; median forward time per call (ms), softmax included")
     print(f"{'arch':<14}{'path':<28}{'precision':<10}{'batch 1':>9}{'batch 16':>10}{'per img@16':>11}")
     paths: dict[str, Callable[[str], ServedNet]] = {
-        "eager": eager, "BN folded (served bf16)": folded, "ONNX Runtime (served fp32)": onnx_runtime,
+        "eager": eager, "BN folded, torch (bf16)": folded, "ONNX Runtime (served fp32)": onnx_runtime,
     }
     for arch in (LEGACY_ARCH, DEFAULT_ARCH):
         for path, make in paths.items():
