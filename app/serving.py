@@ -60,6 +60,16 @@ def _prepare(
     return pre, pre.tensor
 
 
+def _prepare_if_light(
+    data: bytes, invert: bool | None, max_pixels: int, gave_up: threading.Event
+) -> tuple[Preprocessed, torch.Tensor] | None:
+    """The header first (cheap, and refuses bombs at once); then `_prepare` on the same thread, unless the
+    decode would be heavy: None, and the read waits for the heavy lane."""
+    if decoded_pixels(data, max_pixels=max_pixels) > HEAVY_DECODE_PIXELS:
+        return None
+    return _prepare(data, invert, max_pixels, gave_up)
+
+
 # The promotion gate as the server sees it: (candidate, model in service or None) -> serve the candidate?
 Promote = Callable[[LoadedModel, LoadedModel | None], Awaitable[bool]]
 
@@ -167,16 +177,11 @@ class ModelServer:
                 async with asyncio.timeout(self.api.read_timeout_s):
                     self._preprocessing += 1
                     try:
-                        # The header first (cheap, and refuses bombs at once), then the decode in its lane.
-                        pixels = await self.admission.run(
-                            runtime.preprocess_pool,
-                            functools.partial(decoded_pixels, data, max_pixels=self.api.read_max_pixels),
-                        )
-                        pre, tensor = await self.admission.run(
-                            runtime.preprocess_pool,
-                            functools.partial(_prepare, data, invert, self.api.read_max_pixels, gave_up),
-                            heavy=pixels > HEAVY_DECODE_PIXELS,
-                        )
+                        args = (data, invert, self.api.read_max_pixels, gave_up)
+                        prepared = await self.admission.run(
+                            runtime.preprocess_pool, functools.partial(_prepare_if_light, *args))
+                        pre, tensor = prepared if prepared is not None else await self.admission.run(
+                            runtime.preprocess_pool, functools.partial(_prepare, *args), heavy=True)
                     finally:
                         self._preprocessing -= 1
                     future: asyncio.Future[tuple[list[float], LoadedModel]] = loop.create_future()
