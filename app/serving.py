@@ -48,9 +48,10 @@ class _GaveUpError(Exception):
     """The read this work was for has already answered 504: the rest of the work is not done."""
 
 
-def _prepare(
-    data: bytes, invert: bool | None, max_pixels: int, gave_up: threading.Event
-) -> tuple[Preprocessed, torch.Tensor]:
+_Prepared = tuple[Preprocessed, torch.Tensor]  # the 28x28 a read's preprocessing made, and the network's input
+
+
+def _prepare(data: bytes, invert: bool | None, max_pixels: int, gave_up: threading.Event) -> _Prepared:
     """Decode, then preprocess unless the read gave up meanwhile, and make the network's input (all on a
     preprocess thread, none of it on the event loop)."""
     gray = decode_gray(data, max_pixels=max_pixels)
@@ -60,9 +61,7 @@ def _prepare(
     return pre, pre.tensor
 
 
-def _prepare_if_light(
-    data: bytes, invert: bool | None, max_pixels: int, gave_up: threading.Event
-) -> tuple[Preprocessed, torch.Tensor] | None:
+def _prepare_if_light(data: bytes, invert: bool | None, max_pixels: int, gave_up: threading.Event) -> _Prepared | None:
     """The header first (cheap, and refuses bombs at once); then `_prepare` on the same thread, unless the
     decode would be heavy: None, and the read waits for the heavy lane."""
     if decoded_pixels(data, max_pixels=max_pixels) > HEAVY_DECODE_PIXELS:
