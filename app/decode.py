@@ -19,6 +19,7 @@ pixel a decode holds at most 36 MiB.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import warnings
 from collections.abc import Iterator
@@ -119,16 +120,31 @@ def decode_gray(data: bytes, *, max_pixels: int) -> U8:
     """
     kind = _kind(data)
     with _as_preprocess_errors(kind):
-        opened = _open_planned(data, kind, max_pixels)
-        opened.load()
-        orientation = opened.getexif().get(ExifTags.Base.Orientation)  # a PNG's eXIf may follow its pixels
-        img = _reduced(opened)
-        if isinstance(orientation, int) and orientation in _UPRIGHT:
-            img = img.transpose(_UPRIGHT[orientation])
-        gray = to_gray(img)
-        if max(gray.width, gray.height) > WORK_SIDE:
-            gray.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
-        return np.asarray(gray, dtype=np.uint8)
+        gray, decoded = _decode(_open_planned(data, kind, max_pixels))
+    if decoded > HEAVY_DECODE_PIXELS:  # its tens of MB are free now: back to the system, not kept by malloc
+        return_freed_heap()
+    return gray
+
+
+def _decode(opened: Image.Image) -> tuple[U8, int]:
+    """The planned image decoded, upright, grey and small; and how many pixels its decode held."""
+    opened.load()
+    decoded = opened.size[0] * opened.size[1]
+    orientation = opened.getexif().get(ExifTags.Base.Orientation)  # a PNG's eXIf may follow its pixels
+    img = _reduced(opened)
+    if isinstance(orientation, int) and orientation in _UPRIGHT:
+        img = img.transpose(_UPRIGHT[orientation])
+    gray = to_gray(img)
+    if max(gray.width, gray.height) > WORK_SIDE:
+        gray.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
+    return np.asarray(gray, dtype=np.uint8), decoded
+
+
+def return_freed_heap() -> None:
+    """Hand freed heap back to the system after work that freed tens of MB at once (a heavy decode, a model's
+    export): glibc keeps it for reuse otherwise, and the process stays that much bigger."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _kind(data: bytes) -> str:

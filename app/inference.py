@@ -16,8 +16,6 @@ model (tests/test_archs.py).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import tempfile
 import threading
 import warnings
@@ -32,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from app.decode import return_freed_heap
 from app.network import cpu_has_fast_bf16
 from app.preprocess import CANVAS, to_tensor
 
@@ -86,16 +85,11 @@ def prepare(net: nn.Module, *, dtype: torch.dtype | None = None, threads: int = 
     fold_batch_norms(net)
     if dtype is None:
         served = OnnxNet(to_onnx(net), threads)
-        _return_freed_heap()
+        # The export's scratch: kept by malloc, the API's memory wandered by ~150 MB from one hot reload to the
+        # next (no leak: flat when handed back).
+        return_freed_heap()
         return served
     return net.to(memory_format=torch.channels_last)
-
-
-def _return_freed_heap() -> None:
-    """Hand the export's scratch back to the system. glibc keeps freed heap for reuse, so without this the API's
-    memory wandered up and down by ~150 MB from one hot reload to the next (no leak: flat when trimmed)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # torch's exporter keeps its state in module globals: one export at a time (models load on several threads).
