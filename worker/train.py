@@ -217,7 +217,7 @@ def train(
         for step in range(steps):
             idx = order[step]
             images, y = train_x[idx], train_y[idx]
-            batch_loss = 0.0
+            view_losses: list[torch.Tensor] = []
             for _ in range(settings.batch_views):  # each view its own augmentation of the same images
                 t_aug = time.perf_counter()
                 x = augmented_view(images, job.augment, settings, gen)
@@ -231,10 +231,10 @@ def train(
                 scaler.step(optimizer)
                 scaler.update()
                 schedule.step()
-                batch_loss += float(loss.detach()) / settings.batch_views
+                view_losses.append(loss.detach())
 
             done += 1
-            loss_value = batch_loss
+            loss_value = float(torch.stack(view_losses).mean())  # one device sync per batch, as with one view
             loss_sum += loss_value
             running = loss_value if step == 0 else 0.9 * running + 0.1 * loss_value
             if on_progress is not None and ((step + 1) % settings.progress_every == 0 or step + 1 == steps):
