@@ -11,6 +11,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from app.percentile import percentile_f32
+
 F32 = npt.NDArray[np.float32]
 
 BLOCK_MIN: Final = 4  # a drawing enlarged without smoothing, by this factor or more, is read at its own size
@@ -39,7 +41,7 @@ def block_side(mask: npt.NDArray[np.bool_]) -> float:
         return 1.0
     runs = runs[:: -(-runs.size // BLOCK_MAX_RUNS)]
     # The shortest runs of a blocky drawing are one, two or three blocks: the sides to try lie near them.
-    short = float(np.percentile(runs, 10))
+    short = percentile_f32(runs, 10.0)
     near = np.arange(short + 1.0, short - 1.0, -BLOCK_STEP, dtype=np.float32)
     sides = np.sort(np.concatenate([near, near / 2, near / 3]))[::-1]
     sides = sides[(sides >= BLOCK_MIN) & (sides <= top)][:, None]  # largest first

@@ -43,6 +43,7 @@ from app.decode import PreprocessError as PreprocessError
 from app.decode import UnsupportedImageTypeError as UnsupportedImageTypeError
 from app.decode import decode_gray as decode_gray
 from app.decode import sniff_image_type as sniff_image_type
+from app.percentile import percentiles
 
 if TYPE_CHECKING:  # torch is imported where a tensor is made, so code that only checks images stays light
     import torch
@@ -174,10 +175,10 @@ class _Ring:
         ring = np.concatenate(
             [gray[:b, ::2].ravel(), gray[-b:, ::2].ravel(), gray[::2, :b].ravel(), gray[::2, -b:].ravel()]
         )
-        low, lower, median, upper, high = np.percentile(
+        low, lower, median, upper, high = percentiles(
             ring, (5.0, BG_EXACT_PERCENTILE, 50.0, 100.0 - BG_EXACT_PERCENTILE, 95.0)
         )
-        return cls(float(low), float(lower), float(median), float(upper), float(high))
+        return cls(low, lower, median, upper, high)
 
     def inverted(self) -> _Ring:
         """The same ring of 255 - the image."""
@@ -188,8 +189,8 @@ def _dark_ink(gray: U8, ring: _Ring) -> bool:
     """True for dark ink on light paper, from the border; from the ink's tail when the border is mid-grey."""
     if abs(ring.median - 128) >= POLARITY_CLEAR:
         return ring.median >= 128
-    lo, mid, hi = np.percentile(gray[::2, ::2], (POLARITY_TAIL, 50.0, 100.0 - POLARITY_TAIL))
-    return bool(mid - lo >= hi - mid)
+    lo, mid, hi = percentiles(gray[::2, ::2], (POLARITY_TAIL, 50.0, 100.0 - POLARITY_TAIL))
+    return mid - lo >= hi - mid
 
 
 def _background(img: U8, ring: _Ring) -> F32:
@@ -198,7 +199,7 @@ def _background(img: U8, ring: _Ring) -> F32:
     `ring` is `img`'s outer ring."""
     h, w = img.shape
     if max(h, w) <= BG_SMALL_SIDE:
-        return np.full(img.shape, np.percentile(img, BG_PERCENTILE), dtype=np.float32)
+        return np.full(img.shape, percentiles(img, (BG_PERCENTILE,))[0], dtype=np.float32)
     if ring.high - ring.low <= BG_FLAT_SPREAD:
         return np.full(img.shape, ring.median, dtype=np.float32)
     if ring.lower - ring.low <= BG_EXACT_TOL:
@@ -250,15 +251,7 @@ def preprocess_gray(gray: U8, *, invert: bool | None = None) -> Preprocessed:
     if not mask.any():
         raise NoDigitFoundError("no digit found: only ruled lines")
 
-    labels = np.empty(mask.shape, dtype=np.intp)
-    n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool), output=labels)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    sizes[0] = 0
-    min_area = max(SPECK_FRAC * float(sizes.max()), SPECK_MIN_AREA_FRAC * mask.size)
-    keep = sizes >= min_area
-    keep[int(np.argmax(sizes))] = True
-    keep[0] = False
-    kept = keep[labels]
+    kept = _without_specks(mask)
 
     rows = np.flatnonzero(kept.any(axis=1))
     cols = np.flatnonzero(kept.any(axis=0))
@@ -308,6 +301,25 @@ def preprocess_gray(gray: U8, *, invert: bool | None = None) -> Preprocessed:
 
     preview = np.rint(canvas * 255.0).astype(np.uint8)
     return Preprocessed(preview=preview)
+
+
+def _without_specks(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """The ink's 8-connected components less the specks. Labelled within the ink's bounding box only (about a
+    fifth of a photo): the same components, numbered in the same order, as over the whole image."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    labels = np.empty(mask[box].shape, dtype=np.intp)
+    n = ndimage.label(mask[box], structure=np.ones((3, 3), dtype=bool), output=labels)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    min_area = max(SPECK_FRAC * float(sizes.max()), SPECK_MIN_AREA_FRAC * mask.size)
+    keep = sizes >= min_area
+    keep[int(np.argmax(sizes))] = True
+    keep[0] = False
+    kept = np.zeros(mask.shape, dtype=bool)
+    kept[box] = keep[labels]
+    return kept
 
 
 def _dilate3(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
