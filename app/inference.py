@@ -109,7 +109,9 @@ class OnnxNet:
     """An ONNX model run by ONNX Runtime on the CPU, called as a torch module is: a batch in, logits out.
 
     Its `threads` run each call (the caller and threads - 1 of ONNX Runtime's own, which wait passively between
-    calls, so that they leave the cores to preprocessing). Calls from several threads at once are safe.
+    calls, so that they leave the cores to preprocessing). `alone` is the same model on the calling thread only:
+    for work whose cores are taken (a batch while other reads are being preprocessed, the promotion gate on its
+    low-priority thread). Calls from several threads at once are safe.
     """
 
     def __init__(self, model: bytes, threads: int) -> None:
@@ -117,9 +119,9 @@ class OnnxNet:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.model = model
         self.threads = threads
         self._session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.alone: OnnxNet = self if threads == 1 else OnnxNet(model, 1)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         outputs = self._session.run(None, {"image": batch.contiguous().numpy()})
@@ -127,9 +129,8 @@ class OnnxNet:
 
 
 def on_this_thread(net: ServedNet) -> ServedNet:
-    """`net` for work in the background: an OnnxNet is copied to run on the calling thread alone (ONNX Runtime's
-    own threads would not share the caller's low priority); a torch module runs on the caller's torch threads."""
-    return OnnxNet(net.model, 1) if isinstance(net, OnnxNet) and net.threads > 1 else net
+    """`net` on the calling thread alone (an OnnxNet's `alone`); a torch module runs on the caller's torch threads."""
+    return net.alone if isinstance(net, OnnxNet) else net
 
 
 def fold_batch_norms(net: nn.Module) -> None:

@@ -1,13 +1,13 @@
 """The served model: hot swap and a micro-batching predictor (loading and smoke tests: `app.loading`).
 
-One reference, `ModelServer._current`, names the model that answers. A new model is loaded and
-smoke-tested off the request path, then installed by assigning that reference; a batch already
-running keeps the model it started with, so in-flight reads finish on the old one and every
-answer names the version that computed it.
+One reference, `ModelServer._current`, names the model that answers. A new model is loaded and smoke-tested
+off the request path, then installed by assigning that reference; a batch already running keeps the model it
+started with, so in-flight reads finish on the old one and every answer names the version that computed it.
 
-Reads are preprocessed in a thread pool, then queued; one batcher task takes whatever has queued
-up (waiting a moment only while other reads are still being preprocessed) and runs one forward
-pass in the inference thread. Alone, a read runs at once; under load, reads share a batch.
+Reads are preprocessed in a thread pool, then queued; one batcher task takes whatever has queued up (waiting a
+moment only while other reads are still being preprocessed) and runs one forward pass in the inference thread:
+on every core for a read alone, at once; on that thread alone while other reads, being preprocessed, hold the
+other cores. Under load, reads share a batch.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from app.admission import ReadAdmission
 from app.contracts import WEIGHTS_FILE, ManifestV1_1
 from app.decode import HEAVY_DECODE_PIXELS, decode_gray, decoded_pixels
-from app.inference import forward_probs, pick_dtype, threads_for
+from app.inference import forward_probs, on_this_thread, pick_dtype, threads_for
 from app.loading import CandidateError, LoadedModel, load_candidate
 from app.network import available_cores
 from app.observability import ACTIVE_MODEL, FAILED_ACTIVATIONS, MODEL_SWAPS
@@ -52,8 +52,7 @@ _Prepared = tuple[Preprocessed, torch.Tensor]  # the 28x28 a read's preprocessin
 
 
 def _prepare(data: bytes, invert: bool | None, max_pixels: int, gave_up: threading.Event) -> _Prepared:
-    """Decode, then preprocess unless the read gave up meanwhile, and make the network's input (all on a
-    preprocess thread, none of it on the event loop)."""
+    """Decode, then (unless the read gave up meanwhile) preprocess and make the network's input; off the loop."""
     gray = decode_gray(data, max_pixels=max_pixels)
     if gave_up.is_set():
         raise _GaveUpError()
@@ -128,9 +127,8 @@ class ModelServer:
         self.admission = ReadAdmission(self.api.read_queue_max, self.decode_workers)  # bound to this loop
         runtime = _Runtime(
             preprocess_pool=ThreadPoolExecutor(max_workers=self.decode_workers, thread_name_prefix="preprocess"),
-            infer_pool=ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="infer", initializer=torch.set_num_threads, initargs=(self.threads,)
-            ),
+            infer_pool=ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer",
+                                          initializer=torch.set_num_threads, initargs=(self.threads,)),
             queue=asyncio.Queue(),
             lock=asyncio.Lock(),
         )
@@ -371,9 +369,10 @@ class ModelServer:
             if not live or model is None:
                 continue
             started = time.perf_counter()
+            busy = self._preprocessing > 0 or not runtime.queue.empty()
             try:
                 probs = await loop.run_in_executor(
-                    runtime.infer_pool, self._forward, model, [job.tensor for job in live]
+                    runtime.infer_pool, self._forward, model, [job.tensor for job in live], busy
                 )
             except Exception as exc:
                 log.exception("batched forward pass failed")
@@ -390,11 +389,12 @@ class ModelServer:
         while len(batch) < self.api.batch_max and not queue.empty():
             batch.append(queue.get_nowait())
 
-    def _forward(self, model: LoadedModel, tensors: list[torch.Tensor]) -> list[list[float]]:
+    def _forward(self, model: LoadedModel, tensors: list[torch.Tensor], busy: bool) -> list[list[float]]:
         batch = torch.cat(tensors)
         threads = threads_for(len(tensors), self.threads, tta=self.api.tta)
         if torch.get_num_threads() != threads:  # this is the inference thread: set here, it holds for the next
             torch.set_num_threads(threads)
-        probs = forward_probs(model.net, batch, model.manifest.temperature, tta=self.api.tta, dtype=self.dtype)
+        net = on_this_thread(model.net) if busy else model.net
+        probs = forward_probs(net, batch, model.manifest.temperature, tta=self.api.tta, dtype=self.dtype)
         rows: list[list[float]] = probs.tolist()
         return [[p if math.isfinite(p) else 0.0 for p in row] for row in rows]

@@ -39,9 +39,11 @@ def test_a_timed_out_read_is_neither_preprocessed_nor_batched(tmp_path: Path, mo
         calls["preprocess"] += 1
         return preprocess_gray(gray, invert=invert)
 
-    def forward_spy(self: ModelServer, model: LoadedModel, tensors: list[torch.Tensor]) -> list[list[float]]:
+    def forward_spy(
+        self: ModelServer, model: LoadedModel, tensors: list[torch.Tensor], busy: bool
+    ) -> list[list[float]]:
         calls["forward"] += 1
-        return real_forward(self, model, tensors)
+        return real_forward(self, model, tensors, busy)
 
     monkeypatch.setattr(serving, "decode_gray", decode_spy)
     monkeypatch.setattr(serving, "preprocess_gray", preprocess_spy)
