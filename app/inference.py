@@ -121,9 +121,9 @@ class OnnxNet:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        # Its threads wait for the next layer's work spinning, but only briefly (the gaps inside a forward pass
-        # are shorter): a read alone then took 10.6-12.6 ms at p50 over HTTP against 12.4-13.6 waiting passively,
-        # while after the pass they sleep at once and leave the cores to preprocessing.
+        # Its threads spin for the next layer's work, but only SPIN_US (longer than the gaps inside a forward
+        # pass, so they sleep soon after one and leave the cores to preprocessing): a read alone took 10.6-12.6 ms
+        # at p50 over HTTP against 12.4-13.6 with threads that slept at once (2 AVX2 cores, alternating runs).
         options.add_session_config_entry("session.intra_op.allow_spinning", "1")
         options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
         self.threads = threads
