@@ -2,8 +2,8 @@
 
 `prepare` turns a loaded network into what answers reads. Every batch norm is folded into the convolution
 before it; then, in fp32 (every CPU without native bf16), the network is exported to ONNX in memory and run by
-ONNX Runtime: one graph, no per-layer Python, and its own convolution kernels. At batch 1 it took 2.8 ms on
-2 AVX2 cores against 7.0 ms for the folded torch network on one (9.0 on two; `make bench-forward`). Where
+ONNX Runtime: one graph, no per-layer Python, and its own convolution kernels. At batch 1 resnet_s2_w48 took
+2.8 ms on 2 AVX2 cores against 7.0 ms for the folded torch network on one (9.0 on two; `make bench-forward`). Where
 the CPU has native bf16 (`API__PRECISION=auto` there, or `bf16`), the folded torch network is served in bf16
 autocast instead, since ONNX Runtime's CPU kernels have no bf16 convolution.
 

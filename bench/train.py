@@ -5,8 +5,9 @@ real training loop (`worker.train.train`, the default job: batch 256, lr 0.0015,
 --warmup + --steps batches and times the --steps after the warm-up, then the evaluation pass. Prints
 images/s, the default job's time extrapolated from them (1 epoch of 55,000 images = 214 batches, then
 5,000 validation and 10,000 test images evaluated) and the new arch's speed-up, with the CPU beside
-every figure. Today's network trains as its job did before this round (one optimiser step per batch);
-the new one with `TRAIN__BATCH_VIEWS` (default 2: each batch learnt from twice, under two augmentations).
+every figure. Each network trains as its job does: today's with one optimiser step per batch (as before
+this round), the stride-2 ones with their arch's `views` (each batch learnt from 3 or 2 times, each under its
+own augmentation) unless `TRAIN__BATCH_VIEWS` says otherwise.
 
     BENCH_TRAIN_FULL=1 make bench-train     # then also the whole default job for the new arch (or --full):
                                             # its wall time and test accuracy (the MNIST cache is built once)
@@ -24,7 +25,7 @@ from app.network import ARCHS, DEFAULT_ARCH, LEGACY_ARCH, cpu_has_fast_bf16
 from bench.cpu import cpu_line, cpu_tag
 from config.settings import TrainSettings, get_settings
 from worker.data import load_mnist
-from worker.train import Progress, pick_hardware, train
+from worker.train import Progress, batch_views, pick_hardware, train
 
 DEFAULT_JOB = DigitsTrainJobV1(request_id="bench", user_id=0)
 TRAIN_IMAGES = 55_000  # the default job's epoch: the 60k less the validation split
@@ -44,15 +45,9 @@ class Throughput:
         return batches * DEFAULT_JOB.batch_size / self.train_ips + EVAL_IMAGES / self.eval_ips
 
 
-def views_for(arch: str, base: TrainSettings) -> int:
-    """Optimiser steps per batch: 1 for the legacy network (its job as it was), TRAIN__BATCH_VIEWS for the rest."""
-    return 1 if arch == LEGACY_ARCH else base.batch_views
-
-
 def measure(arch: str, precision: str, base: TrainSettings, warmup: int, steps: int) -> Throughput:
     """Images/s of the real loop at the default batch, after `warmup` batches; and of the evaluation pass."""
-    settings = base.model_copy(update={"arch": arch, "precision": precision, "progress_every": 1,
-                                       "batch_views": views_for(arch, base)})
+    settings = base.model_copy(update={"arch": arch, "precision": precision, "progress_every": 1})
     hardware = pick_hardware(settings)
     limit = (warmup + steps) * DEFAULT_JOB.batch_size
     data = load_mnist(get_settings().cache_dir, val_size=settings.val_size, limit=limit, workers=hardware.threads)
@@ -112,7 +107,8 @@ def main() -> None:
             rows.append(measure(arch, precision, base, max(1, args.warmup), args.steps))
             row = rows[-1]
             job_s = row.default_job_s()
-            print(f"{arch:<15}{precision:<6}{views_for(arch, base)} view(s){row.train_ips:>8.1f} img/s train "
+            views = batch_views(base.model_copy(update={"arch": arch}))
+            print(f"{arch:<15}{precision:<6}{views} view(s){row.train_ips:>8.1f} img/s train "
                   f"{row.eval_ips:>8.1f} img/s eval  "
                   f"default job ~{job_s / 60:.1f} min  {row.device}  {tag}", flush=True)
     for precision in precisions:

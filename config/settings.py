@@ -101,8 +101,8 @@ class ApiSettings(BaseModel):
 class TrainSettings(BaseModel):
     """The worker's training configuration; none of this travels in the job payload."""
 
-    arch: str = Field(default="resnet_s2_w48", description="the network trained: a key of app.network.ARCHS; "
-                      "resnet18_1ch is the network of models trained before resnet_s2_w48")
+    arch: str = Field(default="resnet_s2_w32", description="the network trained: a key of app.network.ARCHS; "
+                      "resnet_s2_w48 and resnet18_1ch are the networks of earlier models")
     limit: int | None = Field(default=None, ge=1, description="train on the first N images")
     val_size: int = Field(default=5000, ge=1)
     threads: int = Field(default=0, ge=0, description="0: the cores available")
@@ -110,8 +110,9 @@ class TrainSettings(BaseModel):
     precision: str = Field(default="auto", pattern=r"^(auto|fp32|bf16|fp16)$",
                            description="auto: bf16 where the CPU has native bf16, bf16/fp16 on CUDA, else fp32")
     progress_every: int = Field(default=20, ge=1, description="batches between progress events")
-    batch_views: int = Field(default=2, ge=1, le=8, description="optimiser steps taken on each batch, each on its "
-                             "own random augmentation of it (the batch is one step of progress however many)")
+    batch_views: int = Field(default=0, ge=0, le=8, description="optimiser steps taken on each batch, each on its "
+                             "own random augmentation of it (the batch is one step of progress however many); "
+                             "0: the arch's own (app.network.ARCHS)")
     noise_prob: float = Field(default=0.0, ge=0, le=1, description="salt/pepper per-pixel probability")
     dots_prob: float = Field(default=0.0, ge=0, le=1, description="share of images given dots/occlusions")
     blur_prob: float = Field(default=0.0, ge=0, le=1, description="share of images blurred")

@@ -54,19 +54,19 @@ async def read(client: httpx.AsyncClient) -> httpx.Response:
 
 
 def test_the_default_network_is_the_stride_2_resnet_and_training_builds_it_unless_told_otherwise() -> None:
-    assert {DEFAULT_ARCH, LEGACY_ARCH} <= set(ARCHS) and DEFAULT_ARCH == "resnet_s2_w48"
+    assert {DEFAULT_ARCH, "resnet_s2_w48", LEGACY_ARCH} <= set(ARCHS) and DEFAULT_ARCH == "resnet_s2_w32"
     assert TrainSettings().arch == DEFAULT_ARCH
     net = build_model().eval()
     assert isinstance(net, DigitResNet)
-    assert net.conv1.stride == (2, 2) and net.conv1.in_channels == 1 and net.conv1.out_channels == 48
+    assert net.conv1.stride == (2, 2) and net.conv1.in_channels == 1 and net.conv1.out_channels == 32
     assert [len(stage) for stage in (net.layer1, net.layer2, net.layer3, net.layer4)] == [2, 2, 2, 2]
-    assert net.fc.in_features == 384 and net.fc.out_features == 10
+    assert net.fc.in_features == 256 and net.fc.out_features == 10
     shapes: list[tuple[int, ...]] = []
     for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
         stage.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape[1:])))
     with torch.inference_mode():
         assert net(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
-    assert shapes == [(48, 14, 14), (96, 7, 7), (192, 4, 4), (384, 2, 2)]
+    assert shapes == [(32, 14, 14), (64, 7, 7), (128, 4, 4), (256, 2, 2)]
     assert isinstance(build_model(LEGACY_ARCH), ResNet)
 
 
@@ -81,7 +81,7 @@ def test_an_unknown_train_arch_is_refused_at_start_with_the_known_ones(monkeypat
 # --- the served forward pass ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", [DEFAULT_ARCH, LEGACY_ARCH])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_the_served_network_answers_as_the_eager_one_at_every_batch_size(arch: str) -> None:
     """fp32 serving runs the network, batch norms folded, exported to ONNX and run by ONNX Runtime."""
     torch.manual_seed(1)
@@ -154,16 +154,17 @@ def test_a_model_whose_arch_is_not_in_the_table_is_refused(tmp_path: Path) -> No
 # --- through the real app -------------------------------------------------------------------------------
 
 
-async def test_a_stored_model_of_todays_arch_still_serves_after_the_upgrade(data_dir: Path) -> None:
-    install_model(data_dir, "old", forced_digit=3, arch=LEGACY_ARCH)
+@pytest.mark.parametrize("arch", [LEGACY_ARCH, "resnet_s2_w48"])  # the networks of earlier defaults
+async def test_a_stored_model_of_an_earlier_arch_still_serves_after_the_upgrade(data_dir: Path, arch: str) -> None:
+    install_model(data_dir, "old", forced_digit=3, arch=arch)
     async with running_app(make_settings(data_dir)) as client:
         answer = await read(client)
         assert answer.status_code == 200, answer.text
         assert (answer.json()["digit"], answer.json()["version"]) == (3, "old")
         version = (await client.get("/version")).json()
-        assert version["arch"] == LEGACY_ARCH and version["default_arch"] == DEFAULT_ARCH
+        assert version["arch"] == arch and version["default_arch"] == DEFAULT_ARCH
         assert sorted(version["archs"]) == sorted(ARCHS)
-        assert (await client.get("/v1/models/active")).json()["arch"] == LEGACY_ARCH
+        assert (await client.get("/v1/models/active")).json()["arch"] == arch
 
 
 async def test_a_model_of_the_new_arch_uploads_serves_and_rolls_back_to_an_old_one(data_dir: Path) -> None:

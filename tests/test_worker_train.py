@@ -23,7 +23,7 @@ from tests.train_support import fake_run_dir
 from worker.artifacts import UPLOADED_MARKER, prune_artifacts, write_artifacts
 from worker.cli.redis_embedded import free_port
 from worker.data import MnistSplits, load_mnist
-from worker.train import EpochReport, Progress, TrainOutcome, normalise, pick_hardware, to_unit, train
+from worker.train import EpochReport, Progress, TrainOutcome, batch_views, normalise, pick_hardware, to_unit, train
 from worker.upload import UploadError, upload_artifacts
 
 
@@ -111,11 +111,12 @@ def test_augment_changes_what_the_network_sees_and_off_it_sees_the_images_as_the
     plain = DigitsTrainJobV1(request_id="a", user_id=0, epochs=1, batch_size=8, seed=11, augment=False)
     off, off_again = batches_seen(plain, tiny), batches_seen(plain, tiny)
     on = batches_seen(plain.model_copy(update={"augment": True}), tiny)
-    # 24 images in batches of 8, each batch learnt from twice (TRAIN__BATCH_VIEWS, default 2) ...
-    assert TrainSettings().batch_views == 2 and len(off) == len(off_again) == len(on) == 6
+    # 24 images in batches of 8, each batch learnt from three times (the default arch's views) ...
+    assert batch_views(TrainSettings()) == 3 and len(off) == len(off_again) == len(on) == 9
     # ... the same images each time: off, as they are; on, each view under its own augmentation.
-    assert all(torch.equal(off[i], off[i + 1]) for i in range(0, 6, 2))
-    assert not any(torch.equal(on[i], on[i + 1]) for i in range(0, 6, 2))
+    assert all(torch.equal(off[i], off[i + 1]) and torch.equal(off[i], off[i + 2]) for i in range(0, 9, 3))
+    assert not any(torch.equal(on[i], on[j]) for i in range(0, 9, 3) for j in (i + 1, i + 2))
+    assert not any(torch.equal(on[i + 1], on[i + 2]) for i in range(0, 9, 3))
     # Off, the same seed feeds the same batches, and each image is a training image exactly as stored.
     assert all(torch.equal(a, b) for a, b in zip(off, off_again, strict=True))
     stored = normalise(to_unit(tiny.train_x)).flatten(1)
