@@ -40,10 +40,10 @@ def test_a_timed_out_read_is_neither_preprocessed_nor_batched(tmp_path: Path, mo
         return preprocess_gray(gray, invert=invert)
 
     def forward_spy(
-        self: ModelServer, model: LoadedModel, tensors: list[torch.Tensor], busy: bool
+        self: ModelServer, model: LoadedModel, tensors: list[torch.Tensor], *, one_thread: bool
     ) -> list[list[float]]:
         calls["forward"] += 1
-        return real_forward(self, model, tensors, busy)
+        return real_forward(self, model, tensors, one_thread=one_thread)
 
     monkeypatch.setattr(serving, "decode_gray", decode_spy)
     monkeypatch.setattr(serving, "preprocess_gray", preprocess_spy)
@@ -65,6 +65,40 @@ def test_a_timed_out_read_is_neither_preprocessed_nor_batched(tmp_path: Path, mo
             server.api = server.api.model_copy(update={"read_timeout_s": 30.0})
             assert (await server.read_digit(digit_png())).reading.digit == 7
             assert calls == {"preprocess": 1, "forward": 1}
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_read_alone_is_answered_on_its_own_thread_and_reads_together_share_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install_model(tmp_path, forced_digit=7)
+    passes: list[tuple[str, int, bool]] = []  # (thread, images, on one thread) of every forward pass
+    real_forward = ModelServer._forward
+
+    def forward_spy(
+        self: ModelServer, model: LoadedModel, tensors: list[torch.Tensor], *, one_thread: bool
+    ) -> list[list[float]]:
+        passes.append((threading.current_thread().name, len(tensors), one_thread))
+        return real_forward(self, model, tensors, one_thread=one_thread)
+
+    monkeypatch.setattr(ModelServer, "_forward", forward_spy)
+
+    async def scenario() -> None:
+        server = ModelServer(make_settings(tmp_path))
+        await server.start()
+        try:
+            # Alone: answered on the thread that preprocessed it, in a pass of its own on that thread.
+            assert (await server.read_digit(digit_png())).reading.digit == 7
+            assert [(name.split("_")[0], n, one) for name, n, one in passes] == [("preprocess", 1, True)]
+            passes.clear()
+            # Eight at once: every one answered, through the batcher's thread, some of them sharing a pass.
+            readings = await asyncio.gather(*(server.read_digit(digit_png()) for _ in range(8)))
+            assert [r.reading.digit for r in readings] == [7] * 8
+            assert all(name.startswith("infer") for name, _, _ in passes) and sum(n for _, n, _ in passes) == 8
+            assert len(passes) < 8
         finally:
             await server.stop()
 
