@@ -44,9 +44,10 @@ _BATCH_POLL_S: Final = 0.0005
 
 @dataclass(frozen=True)
 class _Prepared:
-    """What a read's preprocessing thread made (`pre`) and, for a read alone in the server, its answer."""
+    """What a read's preprocessing thread made: the 28x28, the network's input and (a read alone) the answer."""
 
     pre: Preprocessed
+    tensor: torch.Tensor
     answer: tuple[list[float], LoadedModel] | None = None
 
 
@@ -166,7 +167,7 @@ class ModelServer:
                     answer = prepared.answer
                     if answer is None:
                         future: asyncio.Future[tuple[list[float], LoadedModel]] = loop.create_future()
-                        runtime.queue.put_nowait(_Job(prepared.pre.tensor, future))
+                        runtime.queue.put_nowait(_Job(prepared.tensor, future))
                         answer = await future  # a read that gives up here is dropped from its batch
                     probs, model = answer
             except TimeoutError as exc:
@@ -180,9 +181,8 @@ class ModelServer:
 
     def _prepare_if_light(self, data: bytes, invert: bool | None, gave_up: threading.Event) -> _Prepared | None:
         """The header first (cheap; refuses bombs at once), then `_prepare`; None when the decode would be heavy."""
-        if decoded_pixels(data, max_pixels=self.api.read_max_pixels) > HEAVY_DECODE_PIXELS:
-            return None
-        return self._prepare(data, invert, gave_up)
+        heavy = decoded_pixels(data, max_pixels=self.api.read_max_pixels) > HEAVY_DECODE_PIXELS
+        return None if heavy else self._prepare(data, invert, gave_up)
 
     def _prepare(self, data: bytes, invert: bool | None, gave_up: threading.Event) -> _Prepared:
         """On a preprocessing thread: decode, then (unless the read gave up) preprocess; a read alone in the server
@@ -192,10 +192,10 @@ class ModelServer:
         if gave_up.is_set():
             raise PredictionTimeoutError(self.api.read_timeout_s)  # it has answered 504: no more work for it
         pre = preprocess_gray(gray, invert=invert)
-        model = self._current
+        tensor, model = pre.tensor, self._current
         if model is None or self.admission.admitted > 1:  # other reads are in: the batcher serves them all
-            return _Prepared(pre)
-        return _Prepared(pre, (self._forward(model, [pre.tensor], one_thread=True)[0], model))
+            return _Prepared(pre, tensor)
+        return _Prepared(pre, tensor, (self._forward(model, [tensor], one_thread=True)[0], model))
 
     # --- changing the served model ---
 
