@@ -37,6 +37,7 @@ class Throughput:
     arch: str
     precision: str
     device: str
+    views: int  # optimiser steps per batch, as the run took them
     train_ips: float
     eval_ips: float
 
@@ -59,7 +60,7 @@ def measure(arch: str, precision: str, base: TrainSettings, warmup: int, steps: 
     outcome = train(DEFAULT_JOB, settings, data, hardware, on_progress=stamp)
     train_ips = steps * DEFAULT_JOB.batch_size / (ends[-1] - ends[warmup - 1])
     eval_ips = len(data.val_x) / outcome.history[0]["eval_seconds"]
-    return Throughput(arch, precision, outcome.device, train_ips, eval_ips)
+    return Throughput(arch, precision, outcome.device, batch_views(settings), train_ips, eval_ips)
 
 
 def full_job(arch: str, base: TrainSettings) -> None:
@@ -107,8 +108,7 @@ def main() -> None:
             rows.append(measure(arch, precision, base, max(1, args.warmup), args.steps))
             row = rows[-1]
             job_s = row.default_job_s()
-            views = batch_views(base.model_copy(update={"arch": arch}))
-            print(f"{arch:<15}{precision:<6}{views} view(s){row.train_ips:>8.1f} img/s train "
+            print(f"{arch:<15}{precision:<6}{row.views} view(s){row.train_ips:>8.1f} img/s train "
                   f"{row.eval_ips:>8.1f} img/s eval  "
                   f"default job ~{job_s / 60:.1f} min  {row.device}  {tag}", flush=True)
     for precision in precisions:
