@@ -33,8 +33,11 @@ lint:
 typecheck:
 	$(BIN)/mypy
 
+# Three pytest-xdist workers, even on two cores: most tests wait on real processes (uvicorn, an RQ worker,
+# redis-server, Chromium) rather than compute. TEST_WORKERS=0 runs them in this one process.
+TEST_WORKERS ?= 3
 pytest:
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS)
 
 # A fresh clone, `make run`, a first model, a correct read, Ctrl-C: about 10 minutes, so CI runs it apart.
 test-newcomer: $(STAMP)

@@ -14,7 +14,7 @@ from config.settings import Settings
 from tests.discord_support import Signer
 from tests.fake_discord import FakeDiscord
 from tests.support import TEST_GATE_SIZE, ServedApp, serve
-from tests.trained_support import MIN_TEST_ACC, TrainedModel, train_real_model
+from tests.trained_support import MIN_TEST_ACC, TrainedModel, shared_real_model
 from worker.cli.redis_embedded import EmbeddedRedis
 
 
@@ -26,9 +26,11 @@ def redis_server() -> Iterator[EmbeddedRedis]:
 
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
-    """A model of the default arch really trained on MNIST (tests/trained_support.py), once per session:
-    for tests that need a model that reads. Its artifacts folder is the worker's (model.pt + manifest)."""
-    model = train_real_model(tmp_path_factory.mktemp("trained-model"))
+    """A model of the default arch really trained on MNIST (tests/trained_support.py), once per run (the
+    pytest-xdist workers share it): for tests that need a model that reads. Its artifacts folder is the
+    worker's (model.pt + manifest)."""
+    base = tmp_path_factory.getbasetemp()
+    model = shared_real_model(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
     assert model.test_acc >= MIN_TEST_ACC, f"the test session's model reached only {model.test_acc:.3f}"
     return model
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -76,15 +77,32 @@ def test_a_read_alone_is_answered_on_its_own_thread_and_reads_together_share_bat
 ) -> None:
     install_model(tmp_path, forced_digit=7)
     passes: list[tuple[str, int, bool]] = []  # (thread, images, on one thread) of every forward pass
-    real_forward = ModelServer._forward
+    real_forward, real_prepare = ModelServer._forward, ModelServer._prepare
+    # For the eight reads together, each is prepared once all eight are in, and no batch runs until all eight are
+    # prepared, so that none is alone in the server when it is prepared, however slow this machine is.
+    together, prepared, lock, all_prepared = threading.Event(), [0], threading.Lock(), threading.Event()
+
+    def prepare_spy(self: ModelServer, data: bytes, invert: bool | None, gave_up: threading.Event) -> serving._Prepared:
+        deadline = time.monotonic() + 30
+        while together.is_set() and self.admission.admitted < 8 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        out = real_prepare(self, data, invert, gave_up)
+        with lock:
+            prepared[0] += together.is_set()
+            if prepared[0] == 8:
+                all_prepared.set()
+        return out
 
     def forward_spy(
         self: ModelServer, model: LoadedModel, tensors: list[torch.Tensor], *, one_thread: bool
     ) -> list[list[float]]:
         passes.append((threading.current_thread().name, len(tensors), one_thread))
+        if together.is_set():
+            all_prepared.wait(timeout=60)
         return real_forward(self, model, tensors, one_thread=one_thread)
 
     monkeypatch.setattr(ModelServer, "_forward", forward_spy)
+    monkeypatch.setattr(ModelServer, "_prepare", prepare_spy)
 
     async def scenario() -> None:
         server = ModelServer(make_settings(tmp_path))
@@ -94,6 +112,7 @@ def test_a_read_alone_is_answered_on_its_own_thread_and_reads_together_share_bat
             assert (await server.read_digit(digit_png())).reading.digit == 7
             assert [(name.split("_")[0], n, one) for name, n, one in passes] == [("preprocess", 1, True)]
             passes.clear()
+            together.set()
             # Eight at once: every one answered, through the batcher's thread, some of them sharing a pass.
             readings = await asyncio.gather(*(server.read_digit(digit_png()) for _ in range(8)))
             assert [r.reading.digit for r in readings] == [7] * 8

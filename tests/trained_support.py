@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Final
 
 import numpy as np
+from filelock import FileLock
 
 from app.contracts import MANIFEST_FILE, WEIGHTS_FILE, DigitsTrainJobV1, ManifestV1_1
 from app.inference import forward_probs
@@ -114,7 +115,26 @@ def train_real_model(data_dir: Path) -> TrainedModel:
     """Train REAL_JOB with REAL_TRAINING under `data_dir` (its MNIST cache and artifacts go there)."""
     settings = Settings(_env_file=None, data_dir=data_dir, train=REAL_TRAINING)
     result = run_training(REAL_JOB, settings, RunHooks(), upload=False)
-    directory = Path(result.artifacts_dir)
+    return _trained(Path(result.artifacts_dir), result.val_acc, result.test_acc, result.train_seconds)
+
+
+def shared_real_model(root: Path) -> TrainedModel:
+    """The model trained under `root`, by whichever process asked first: `make test` runs the suite in several
+    pytest-xdist workers, and each would otherwise train its own. The others wait on the lock, then read the
+    first one's record (`root/trained.json`) instead of training."""
+    record = root / "trained.json"
+    with FileLock(root / "trained.lock"):
+        if record.exists():
+            saved = json.loads(record.read_text())
+            return _trained(Path(saved["directory"]), saved["val_acc"], saved["test_acc"], saved["train_seconds"])
+        (root / "trained-model").mkdir()
+        model = train_real_model(root / "trained-model")
+        record.write_text(json.dumps({"directory": str(model.artifacts.directory), "val_acc": model.val_acc,
+                                      "test_acc": model.test_acc, "train_seconds": model.train_seconds}))
+        return model
+
+
+def _trained(directory: Path, val_acc: float, test_acc: float, train_seconds: float) -> TrainedModel:
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
     artifacts = Artifacts(directory, directory / WEIGHTS_FILE, directory / MANIFEST_FILE, manifest)
-    return TrainedModel(artifacts, result.val_acc, result.test_acc, result.train_seconds)
+    return TrainedModel(artifacts, val_acc, test_acc, train_seconds)
