@@ -13,7 +13,12 @@ own augmentation) unless `TRAIN__BATCH_VIEWS` says otherwise.
                                             # its wall time and test accuracy (the MNIST cache is built once)
 """
 
+# ruff: noqa: E402  (torch must load after spin_while_training, as in the worker)
 from __future__ import annotations
+
+import app
+
+app.spin_while_training()  # the worker's training threads wait at barriers as these do
 
 import argparse
 import os
@@ -100,6 +105,8 @@ def main() -> None:
     precisions = ["fp32", "bf16"] if args.bf16 or cpu_has_fast_bf16() else ["fp32"]
     tag = cpu_tag()
     print(cpu_line())
+    print(f"OpenMP threads wait: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')}")
     print(f"default job: batch {DEFAULT_JOB.batch_size}, lr {DEFAULT_JOB.lr}, seed {DEFAULT_JOB.seed}, augment "
           f"{DEFAULT_JOB.augment}; {args.warmup} warm-up + {args.steps} timed batches per row", flush=True)
     rows: list[Throughput] = []

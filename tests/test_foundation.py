@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -87,3 +89,35 @@ def test_legacy_network_shape() -> None:
     assert isinstance(stem, torch.nn.Conv2d)
     assert stem.in_channels == 1 and stem.stride == (1, 1) and stem.kernel_size == (3, 3)
     assert isinstance(model.maxpool, torch.nn.Identity)
+
+
+# In a fresh process: what spin_while_training says, then the policy torch's OpenMP would load with.
+SPIN_PROBE = ("import os, app; spun = app.spin_while_training(); "
+              "print(spun, os.environ['OMP_WAIT_POLICY'], os.environ.get('GOMP_SPINCOUNT'))")
+
+
+def _probe(env: dict[str, str], code: str = SPIN_PROBE) -> str:
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_training_threads_spin_and_the_apis_sleep_unless_the_user_chose() -> None:
+    """`digits worker`, `digits train` and `make bench-train` call spin_while_training before torch loads;
+    the API keeps passive threads; a policy set by the user wins everywhere, and `digits dev` passes only the
+    user's on to its API and worker."""
+    import app
+
+    ours = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    assert _probe(ours) == f"True ACTIVE {app.TRAINING_SPIN_COUNT}"
+    assert _probe({**ours, "OMP_WAIT_POLICY": "PASSIVE"}) == "False PASSIVE None"
+    assert _probe({**ours, "GOMP_SPINCOUNT": "10"}) == "False PASSIVE 10"
+    assert _probe(ours, "import os, torch, app; print(app.spin_while_training(), os.environ['OMP_WAIT_POLICY'])") \
+        == "False PASSIVE"
+    assert _probe(ours, "import os, app; print(os.environ['OMP_WAIT_POLICY'])") == "PASSIVE"  # the API's
+
+    child = "from worker.cli.dev import dev_environment as d; from config.settings import Settings; "
+    from_dev = f"{child}import json, os; print(json.dumps(d(dict(os.environ), Settings(_env_file=None), 'x')))"
+    passed_on = json.loads(_probe(ours, from_dev))
+    assert "OMP_WAIT_POLICY" not in passed_on and _probe({**ours, **passed_on}).startswith("True ACTIVE")
+    assert json.loads(_probe({**ours, "OMP_WAIT_POLICY": "PASSIVE"}, from_dev))["OMP_WAIT_POLICY"] == "PASSIVE"

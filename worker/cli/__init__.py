@@ -28,7 +28,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    import app
     from worker.rq_worker import run_worker
+
+    app.spin_while_training()  # torch loads in each job's work horse, after this
 
     settings = get_settings()
     configure_logging(settings.log_level)

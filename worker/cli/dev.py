@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import httpx
 import redis
 
+import app
 from app.contracts import (
     DigitsTrainJobV1,
     TrainCompletedV1,
@@ -104,8 +105,10 @@ def run_dev(args: argparse.Namespace) -> int:
 
 def dev_environment(env: dict[str, str], settings: Settings, api_url: str) -> dict[str, str]:
     """The API and the worker share an admin key (the configured one, from the environment or .env, or one
-    made up for this run) and the API URL."""
+    made up for this run) and the API URL; each picks its own OpenMP wait policy unless the user chose one."""
     env = dict(env)
+    if not app.WAIT_POLICY_GIVEN:  # our API default, not the user's: the worker's training threads spin
+        env.pop("OMP_WAIT_POLICY", None)
     key = settings.handwriting_api_key
     env["HANDWRITING_API_KEY"] = key.get_secret_value() if key is not None else secrets.token_urlsafe(24)
     env["HANDWRITING_API_URL"] = api_url

@@ -78,6 +78,9 @@ def add_train_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def run_train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    import app
+
+    app.spin_while_training()  # before worker.job loads torch
     from worker.job import JobFailure, run_training
 
     settings = get_settings()
