@@ -94,7 +94,7 @@ def build_gate_set(size: int, *, stop: threading.Event | None = None) -> GateSet
         if stop is not None and stop.is_set():
             raise GateStoppedError()
         images.append(_view(job))
-    return GateSet(np.stack(images).astype(np.uint8), labels, gate_key(size))
+    return _assembled(images, labels, size)
 
 
 def _draw(size: int) -> tuple[list[tuple[U8, int, bool]], I64]:
@@ -104,6 +104,10 @@ def _draw(size: int) -> tuple[list[tuple[U8, int, bool]], I64]:
     half = len(picks) // 2
     jobs = [(test_x[index], n, n >= half) for n, index in enumerate(picks)]
     return jobs, np.asarray([int(test_y[index]) for index in picks], dtype=np.int64)
+
+
+def _assembled(images: list[U8], labels: I64, size: int) -> GateSet:
+    return GateSet(np.stack(images).astype(np.uint8), labels, gate_key(size))
 
 
 def _view(job: tuple[U8, int, bool]) -> U8:
@@ -195,7 +199,7 @@ def _main(argv: list[str]) -> None:
     jobs, labels = _draw(size)
     with multiprocessing.get_context("fork").Pool(max(1, workers)) as pool:
         images = pool.map(_view, jobs, chunksize=16)
-    save_gate_set(path, GateSet(np.stack(images).astype(np.uint8), labels, gate_key(size)))
+    save_gate_set(path, _assembled(images, labels, size))
 
 
 if __name__ == "__main__":
