@@ -14,8 +14,6 @@ from typing import Final
 
 import torch
 from torch import nn
-from torchvision.models import resnet18
-from torchvision.models.resnet import BasicBlock
 
 from app.contracts import N_CLASSES
 
@@ -35,16 +33,44 @@ def cpu_has_fast_bf16() -> bool:
 
 def resnet18_1ch() -> nn.Module:
     """torchvision's ResNet-18 with a 3x3 stride-1 stem and no max-pool: the first stage runs at 28x28
-    (~1.1 GFLOP per image). The network of every model trained before the stride-2 ones."""
+    (~1.1 GFLOP per image). The network of every model trained before the stride-2 ones.
+
+    torchvision is imported here, not at the top: importing it costs 2.2 s of CPU (it loads torch._dynamo), and
+    only this old network needs it, so a process that serves or trains the others never pays it."""
+    from torchvision.models import resnet18
+
     model: nn.Module = resnet18(weights=None, num_classes=N_CLASSES)
     model.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
 
 
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions, each with a batch norm, added to the input (through `downsample`, a strided 1x1
+    convolution and a batch norm, where the shape changes), then a ReLU.
+
+    Its parameters carry the names of torchvision's `BasicBlock` (conv1, bn1, conv2, bn2, downsample.0/1), in the
+    same order, so stored weights load into it and a seed gives the same initial weights as before."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Sequential | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out: torch.Tensor = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)) + shortcut)
+        return out
+
+
 class DigitResNet(nn.Module):
-    """A ResNet of torchvision `BasicBlock`s for 28x28 digits: 3x3 stride-2 stem (conv + BN + ReLU), four
-    stages of two blocks (stride 2 at the first block of stages 2-4), global average pool, linear.
+    """A ResNet of `ResidualBlock`s for 28x28 digits: 3x3 stride-2 stem (conv + BN + ReLU), four stages of two
+    blocks (stride 2 at the first block of stages 2-4), global average pool, linear.
 
     Parameter names follow torchvision's ResNet (conv1, bn1, layer1..4, fc), as does the initialisation.
     """
@@ -63,7 +89,8 @@ class DigitResNet(nn.Module):
                 downsample = nn.Sequential(
                     nn.Conv2d(inplanes, width, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(width)
                 )
-            stages.append(nn.Sequential(BasicBlock(inplanes, width, stride, downsample), BasicBlock(width, width)))
+            first = ResidualBlock(inplanes, width, stride, downsample)
+            stages.append(nn.Sequential(first, ResidualBlock(width, width)))
             inplanes = width
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)

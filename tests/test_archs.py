@@ -202,3 +202,12 @@ async def test_train_arch_resnet18_1ch_trains_uploads_and_serves_the_old_network
         assert active["arch"] == LEGACY_ARCH
         answer = await read(client)
         assert answer.status_code == 200 and answer.json()["version"] == active["version"]
+
+
+def test_only_the_old_network_loads_torchvision() -> None:
+    """torchvision costs 2.2 s of CPU to import: the API and the worker load it only to build resnet18_1ch."""
+    code = ("import sys, app.main, worker.job; from app.network import build_model; "
+            "[build_model(arch) for arch in ('resnet_s2_w32', 'resnet_s2_w48')]; print('torchvision' in sys.modules); "
+            "build_model('resnet18_1ch'); print('torchvision' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["False", "True"], done.stderr
