@@ -34,10 +34,11 @@ typecheck:
 	$(BIN)/mypy
 
 # Three pytest-xdist workers, even on two cores: most tests wait on real processes (uvicorn, an RQ worker,
-# redis-server, Chromium) rather than compute. TEST_WORKERS=0 runs them in this one process.
+# redis-server, Chromium) rather than compute. A module's tests share a worker, so each module-scoped server
+# starts once. TEST_WORKERS=0 runs them in this one process.
 TEST_WORKERS ?= 3
 pytest:
-	$(BIN)/pytest -q -n $(TEST_WORKERS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # A fresh clone, `make run`, a first model, a correct read, Ctrl-C: about 10 minutes, so CI runs it apart.
 test-newcomer: $(STAMP)
