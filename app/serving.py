@@ -80,7 +80,7 @@ class ModelServer:
         self.api = settings.api
         self.store = store or ModelStore(settings.models_dir, keep_versions=settings.api.keep_versions)
         self.threads = self.api.torch_threads or available_cores()
-        self.dtype = pick_dtype(self.api.precision)  # bf16 autocast only where the CPU has it natively
+        self.dtype = pick_dtype(self.api.precision)  # None: fp32 on ONNX Runtime; bf16: torch autocast
         self._current: LoadedModel | None = None
         self._runtime: _Runtime | None = None
         self._preprocessing = 0

@@ -74,8 +74,8 @@ class ApiSettings(BaseModel):
     batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
     torch_threads: int = Field(default=0, ge=0, description="threads of a forward pass; 0: the cores available")
     precision: str = Field(default="auto", pattern=r"^(auto|fp32|bf16)$",
-                           description="fp32 runs on ONNX Runtime, bf16 on torch autocast; auto: bf16 where the "
-                           "CPU has native bf16, else fp32")
+                           description="fp32 runs on ONNX Runtime, bf16 on torch autocast; auto: fp32, which was "
+                           "faster than bf16 even where the CPU has native bf16")
     manifest_max_bytes: int = Field(default=64 * 1024, ge=1024)
     model_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     keep_versions: int = Field(default=5, ge=1, description="versions kept per model, by the time this server "
