@@ -110,6 +110,9 @@ def test_events_start_with_the_state_now_and_end_after_the_final_one(
     pcts = [p["pct"] for p in progress]
     assert pcts == sorted(pcts) and pcts[-1] == 100.0
     assert [s["status"] for s in states].count("finished") == 1
+    # Each stage once, in the order the work goes (the run's start is not announced as training before its data).
+    stages = [s["stage"] for i, s in enumerate(states) if i == 0 or s["stage"] != states[i - 1]["stage"]]
+    assert stages == [s for s in ("queued", "preparing", "training", "saving", "uploading", "completed") if s in stages]
     assert len({json.dumps(s, sort_keys=True) for s in states}) == len(states)  # each event is a change
 
     # A job that has ended: its final state, and the stream closes at once.
