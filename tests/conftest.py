@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Final
 
 import pytest
 import redis
@@ -16,6 +17,17 @@ from tests.fake_discord import FakeDiscord
 from tests.support import TEST_GATE_SIZE, ServedApp, serve
 from tests.trained_support import MIN_TEST_ACC, TrainedModel, shared_real_model
 from worker.cli.redis_embedded import EmbeddedRedis
+
+# The modules that take longest (20-90 s each alone: browsers, real worker processes, replicas, Redis restarts), run
+# first. `make test` hands whole modules to its pytest-xdist workers in collection order (--no-loadscope-reorder:
+# xdist's own order, most tests first, sent these few-test modules last, and the run waited on them at the end).
+SLOW_FIRST: Final = ("test_page.py", "test_faults.py", "test_replication.py", "test_worker_e2e.py",
+                     "test_admin_upload.py", "test_archs.py", "test_store_lifecycle.py", "test_job_events.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: place for place, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: the rest as collected
 
 
 @pytest.fixture(scope="session")
