@@ -58,12 +58,16 @@ def api_process(root: Path, **env: str) -> Iterator[Api]:
     def ready() -> bool:
         assert process.proc.poll() is None, process.log()
         try:
-            return httpx.get(url + "/readyz", timeout=2).status_code == 200
+            if httpx.get(url + "/readyz", timeout=2).status_code != 200:
+                return False
+            # Once a model is served the promotion gate readies its next decision in the background (its set,
+            # the served model's score): the memory the tests below measure must not include that work.
+            return "\nmodel_gate_ready 1.0" in httpx.get(url + "/metrics", timeout=2).text
         except httpx.HTTPError:
             return False
 
     try:
-        wait_until(ready, timeout=120, what="the API process to serve its model")
+        wait_until(ready, timeout=120, what="the API process to serve its model and ready its gate")
         yield Api(url, port, process)
     finally:
         process.stop()
