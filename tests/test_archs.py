@@ -20,7 +20,7 @@ import torch
 from torchvision.models import ResNet
 
 from app.contracts import WEIGHTS_FILE, ManifestV1_1
-from app.inference import TTA_SHIFTS, OnnxNet, forward_probs, on_this_thread, prepare, smoke_input
+from app.inference import TTA_SHIFTS, OnnxNet, forward_probs, on_this_thread, pick_dtype, prepare, smoke_input
 from app.loading import CandidateError, load_candidate
 from app.network import ARCHS, DEFAULT_ARCH, LEGACY_ARCH, DigitResNet, build_model
 from app.preprocess import preprocess
@@ -79,6 +79,14 @@ def test_an_unknown_train_arch_is_refused_at_start_with_the_known_ones(monkeypat
 
 
 # --- the served forward pass ----------------------------------------------------------------------------
+
+
+def test_the_default_precision_serves_fp32_on_onnx_runtime_even_where_bf16_is_native() -> None:
+    """`API__PRECISION=auto` picks fp32 on every CPU (ONNX Runtime beat torch's bf16 on AVX-512 + AMX too);
+    bf16 autocast is served only when asked for."""
+    assert Settings(_env_file=None).api.precision == "auto"
+    assert pick_dtype("auto") is None and pick_dtype("fp32") is None
+    assert pick_dtype("bf16") is torch.bfloat16
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
