@@ -220,7 +220,7 @@ def profile_lone_read(arch: str, threads: int, repeats: int) -> dict[str, float]
     from app.loading import load_candidate
     from app.network import build_model
     from app.preprocess import PREPROCESS_HASH, decode_gray, preprocess_gray
-    from config.settings import ApiSettings, get_settings
+    from config.settings import get_settings
 
     data = photo_of_digit(512, 512, seed=7)
 
@@ -235,7 +235,8 @@ def profile_lone_read(arch: str, threads: int, repeats: int) -> dict[str, float]
         return statistics.median(times)
 
     torch.set_num_threads(1)
-    max_pixels = ApiSettings().read_max_pixels
+    api = get_settings().api  # as the spawned servers read it
+    max_pixels = api.read_max_pixels
     gray = decode_gray(data, max_pixels=max_pixels)
     decode_ms = median_ms(lambda: decode_gray(data, max_pixels=max_pixels))
     pre_ms = median_ms(lambda: preprocess_gray(gray))
@@ -245,7 +246,7 @@ def profile_lone_read(arch: str, threads: int, repeats: int) -> dict[str, float]
         torch.save(build_model(arch).state_dict(), Path(tmp) / WEIGHTS_FILE)
         doc = {"schema_version": "v1.1", "model_id": "bench", "arch": arch, "n_classes": 10, "version": "p",
                "created_at": datetime.now(UTC).isoformat(), "preprocess_hash": PREPROCESS_HASH, "val_acc": 0.0}
-        dtype = pick_dtype(get_settings().api.precision)  # as the spawned servers pick it
+        dtype = pick_dtype(api.precision)
         model = load_candidate(Path(tmp) / WEIGHTS_FILE, ManifestV1_1.model_validate_json(json.dumps(doc)),
                                dtype=dtype, threads=threads)
     torch.set_num_threads(threads_for(1, threads))  # as the server runs a lone read (bf16 runs on torch's threads)

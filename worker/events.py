@@ -144,7 +144,7 @@ class JobReporter(RunHooks):
     def run_started(self, start: RunStart) -> None:
         self.ids = replace(self.ids, run_id=start.run_id)
         self.emit(TrainStartedV1.model_validate({**self._ids(), **start.details, "total_epochs": start.total_epochs}),
-                  {META_STAGE: "preparing", META_REQUEST_ID: self.ids.request_id, META_USER_ID: self.ids.user_id,
+                  {META_REQUEST_ID: self.ids.request_id, META_USER_ID: self.ids.user_id,
                    META_MODEL_ID: self.ids.model_id, META_RUN_ID: start.run_id})
 
     def progress(self, progress: Progress) -> None:
